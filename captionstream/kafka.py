@@ -1,0 +1,95 @@
+"""Kafka client tuning and topic set-up, shared by the gateway, the processor and tools.
+
+Everything that exists only because the embedded broker (Tansu) misbehaves lives in
+`EMBEDDED_PROFILE`; the `kafka` profile is plain library defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from captionstream.errors import BrokerError
+from captionstream.settings import CommonSettings, KafkaProfile
+from schemas.topics import TOPICS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTuning:
+    # One record per produce batch. Tansu reports end offsets as "base offset of the last
+    # batch + 1", which breaks end_offsets(), lag and Faust's rocksdb recovery otherwise.
+    producer_max_batch_size: int | None = None
+    # Tansu holds JoinGroup for session_timeout/2: a short session makes rebalances fast.
+    session_timeout_s: float | None = None
+    heartbeat_interval_s: float | None = None
+
+    def aiokafka_producer_kwargs(self) -> dict[str, Any]:
+        return (
+            {}
+            if self.producer_max_batch_size is None
+            else {"max_batch_size": self.producer_max_batch_size}
+        )
+
+    def faust_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.producer_max_batch_size is not None:
+            kwargs["producer_max_batch_size"] = self.producer_max_batch_size
+        if self.session_timeout_s is not None:
+            kwargs["broker_session_timeout"] = self.session_timeout_s
+        if self.heartbeat_interval_s is not None:
+            kwargs["broker_heartbeat_interval"] = self.heartbeat_interval_s
+        return kwargs
+
+
+KAFKA_PROFILE = ClientTuning()
+EMBEDDED_PROFILE = ClientTuning(
+    producer_max_batch_size=1, session_timeout_s=4.0, heartbeat_interval_s=1.0
+)
+
+
+def tuning_for(profile: KafkaProfile) -> ClientTuning:
+    return EMBEDDED_PROFILE if profile is KafkaProfile.EMBEDDED else KAFKA_PROFILE
+
+
+def topic_config(spec: TopicSpec) -> dict[str, str]:
+    return {"cleanup.policy": "compact"} if spec.compacted else {}
+
+
+async def ensure_topics(
+    settings: CommonSettings, topics: tuple[TopicSpec, ...] = TOPICS.all(), timeout_s: float = 30
+) -> None:
+    """Create the project's topics if missing (idempotent; safe from every component)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        raise BrokerError(
+            f"cannot reach Kafka at {settings.bootstrap} ({exc!r}); start it with "
+            "`captionstream broker` or set CAPTIONSTREAM_KAFKA_BOOTSTRAP"
+        ) from exc
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=topic_config(spec),
+            )
+            for spec in topics
+            if spec.name not in existing
+        ]
+        if missing:
+            log.info("creating topics %s", [t.name for t in missing])
+            with contextlib.suppress(TopicAlreadyExistsError):  # another component won
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()

@@ -1,0 +1,97 @@
+"""Configuration, read from `CAPTIONSTREAM_*` environment variables (pydantic-settings).
+
+Settings objects are built once at an entry point and passed down; nothing reads the
+environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class KafkaProfile(enum.StrEnum):
+    """Which Kafka the clients talk to; selects client tuning (see `captionstream.kafka`)."""
+
+    KAFKA = "kafka"  # Apache Kafka (or any compliant broker): library defaults.
+    EMBEDDED = "embedded"  # The embedded Tansu broker: workarounds for its known defects.
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / (
+        "captionstream"
+    )
+
+
+class CommonSettings(BaseSettings):
+    """What every component needs: where Kafka is and where data lives."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPTIONSTREAM_", extra="ignore")
+
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers. Unset: use the embedded broker on "
+        f"{EMBEDDED_BOOTSTRAP} (started by `captionstream broker` / `make run`).",
+    )
+    kafka_profile: KafkaProfile | None = Field(
+        default=None,
+        description="Client tuning profile; default `embedded` when kafka_bootstrap is "
+        "unset, else `kafka`.",
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    log_level: str = "INFO"
+    partitions: int = Field(default=4, ge=1, description="Partitions of each topic.")
+    replication_factor: int = Field(default=1, ge=1, description="Of topics this creates.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or EMBEDDED_BOOTSTRAP
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def profile(self) -> KafkaProfile:
+        if self.kafka_profile is not None:
+            return self.kafka_profile
+        return KafkaProfile.EMBEDDED if self.kafka_bootstrap is None else KafkaProfile.KAFKA
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+class IngestSettings(CommonSettings):
+    """Limits on accepted images (defaults match the reference service)."""
+
+    max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=200_000_000, ge=1)
+
+
+class GatewaySettings(IngestSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    view_catch_up_timeout_s: float = Field(
+        default=30.0, description="How long startup waits to rebuild the job view."
+    )
+
+
+class ProcessorSettings(CommonSettings):
+    model: str = Field(
+        default="Salesforce/blip-image-captioning-base",
+        description="Hub id, local directory, or `tiny-blip` (random weights, for tests).",
+    )
+    device: str = Field(default="auto", description="`auto` (cuda if available), cpu, cuda...")
+    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_wait_s: float = Field(default=0.05, ge=0)
+    max_new_tokens: int = Field(default=30, ge=1, le=200)
+    num_beams: int = Field(default=1, ge=1, le=8)
+    group_id: str = "captionstream-processor"
+    torch_threads: int | None = Field(
+        default=None, description="Intra-op threads; default: the cores this process may use."
+    )

@@ -1,0 +1,1 @@
+"""Gateway: the HTTP/WebSocket front of captionstream (FastAPI)."""

@@ -1,0 +1,64 @@
+"""The FastAPI application: resources are created in the lifespan and live on app.state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from captionstream.errors import CaptionstreamError
+from captionstream.kafka import ensure_topics, tuning_for
+from captionstream.settings import GatewaySettings
+from gateway.publisher import KafkaJobPublisher
+from gateway.routes import health, jobs
+from gateway.view import JobStateFollower, JobView
+from ingest.blobstore import LocalBlobStore
+from ingest.validation import ImageLimits
+from schemas.topics import TOPICS
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(settings)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap,
+            acks="all",
+            **tuning_for(settings.profile).aiokafka_producer_kwargs(),
+        )
+        await producer.start()
+        view = JobView()
+        follower = JobStateFollower(view, settings.bootstrap, TOPICS.job_state.name)
+        try:
+            await follower.start(settings.view_catch_up_timeout_s)
+            app.state.settings = settings
+            app.state.view = view
+            app.state.follower = follower
+            app.state.publisher = KafkaJobPublisher(producer)
+            app.state.blobs = LocalBlobStore(settings.blob_dir)
+            app.state.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
+            yield
+        finally:
+            await follower.stop()
+            await producer.stop()
+
+    app = FastAPI(
+        title="captionstream",
+        version="1",
+        summary="Image captioning as a Kafka stream-processing pipeline.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(CaptionstreamError)
+    async def captionstream_error(request: Request, exc: CaptionstreamError) -> JSONResponse:
+        return JSONResponse(status_code=exc.http_status, content={"detail": exc.detail})
+
+    app.include_router(jobs.router, prefix="/api/v1")
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,44 @@
+"""Dependency aliases: route signatures name what they need, the lifespan provides it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, WebSocket
+
+from gateway.publisher import KafkaJobPublisher
+from gateway.view import JobStateFollower, JobView
+from ingest.blobstore import LocalBlobStore
+from ingest.validation import ImageLimits
+
+
+def _view(request: Request) -> JobView:
+    return request.app.state.view  # type: ignore[no-any-return]
+
+
+def _ws_view(websocket: WebSocket) -> JobView:
+    return websocket.app.state.view  # type: ignore[no-any-return]
+
+
+def _publisher(request: Request) -> KafkaJobPublisher:
+    return request.app.state.publisher  # type: ignore[no-any-return]
+
+
+def _blobs(request: Request) -> LocalBlobStore:
+    return request.app.state.blobs  # type: ignore[no-any-return]
+
+
+def _limits(request: Request) -> ImageLimits:
+    return request.app.state.limits  # type: ignore[no-any-return]
+
+
+def _follower(request: Request) -> JobStateFollower:
+    return request.app.state.follower  # type: ignore[no-any-return]
+
+
+ViewDep = Annotated[JobView, Depends(_view)]
+WsViewDep = Annotated[JobView, Depends(_ws_view)]
+PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
+BlobsDep = Annotated[LocalBlobStore, Depends(_blobs)]
+LimitsDep = Annotated[ImageLimits, Depends(_limits)]
+FollowerDep = Annotated[JobStateFollower, Depends(_follower)]

@@ -1,0 +1,18 @@
+"""`captionstream gateway`: serve the FastAPI app with uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from captionstream.settings import GatewaySettings
+from gateway.app import create_app
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,135 @@
+"""The gateway's materialized view of job state, rebuilt from the compacted job-state topic.
+
+Every gateway replica follows the whole topic (no consumer group: each one needs every
+partition), so any replica can answer any job, and a restarted one rebuilds its view by
+reading the topic from the beginning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from schemas.events import EventDecodeError, JobState, decode_job_state
+
+log = logging.getLogger(__name__)
+
+
+def supersedes(new: JobState, old: JobState | None) -> bool:
+    """Whether `new` should replace `old` in the view.
+
+    The log order of one job's partition is authoritative, except that the first terminal
+    state is final: a redelivered job can never replace its result or reopen it.
+    """
+    return old is None or not old.status.terminal
+
+
+class JobView:
+    """job id -> latest `JobState`, with per-job change subscriptions for push channels."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobState] = {}
+        self._subscribers: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, job_id: str) -> JobState | None:
+        return self._jobs.get(job_id)
+
+    def apply(self, state: JobState) -> bool:
+        """Record `state`; True if it changed the view (and was pushed to subscribers)."""
+        old = self._jobs.get(state.job_id)
+        if state == old or not supersedes(state, old):
+            return False
+        self._jobs[state.job_id] = state
+        for queue in self._subscribers.get(state.job_id, ()):
+            queue.put_nowait(state)
+        return True
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: str):  # type: ignore[no-untyped-def]
+        """Yield a queue receiving every later state of `job_id` until the block ends."""
+        queue: asyncio.Queue[JobState] = asyncio.Queue()
+        self._subscribers[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            subs = self._subscribers.get(job_id)
+            if subs is not None:
+                subs.discard(queue)
+                if not subs:
+                    del self._subscribers[job_id]
+
+
+class JobStateFollower:
+    """Feeds a `JobView` from the job-state topic; `start()` returns once caught up."""
+
+    def __init__(self, view: JobView, bootstrap: str, topic: str) -> None:
+        self.view = view
+        self.topic = topic
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self.caught_up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, catch_up_timeout_s: float) -> None:
+        await self.consumer.start()
+        partitions = self.consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            await self.consumer.force_metadata_update()
+            partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+        ends = await self.consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._run(ends), name="job-state-follower")
+        try:
+            await asyncio.wait_for(self.caught_up.wait(), catch_up_timeout_s)
+        except TimeoutError:
+            log.warning("job view not caught up after %.0fs; serving anyway", catch_up_timeout_s)
+        log.info("job view holds %d jobs", len(self.view))
+
+    async def _run(self, ends: dict[TopicPartition, int]) -> None:
+        pending = {tp: end for tp, end in ends.items() if end > 0}
+        if not pending:
+            self.caught_up.set()
+        while True:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500)
+            except KafkaError as exc:
+                log.warning("job-state fetch failed (%r); retrying", exc)
+                await asyncio.sleep(1)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._apply(record.value)
+            if pending:
+                for tp in list(pending):
+                    if await self.consumer.position(tp) >= pending[tp]:
+                        del pending[tp]
+                if not pending:
+                    self.caught_up.set()
+
+    def _apply(self, raw: bytes | None) -> None:
+        if raw is None:
+            return  # tombstone
+        try:
+            self.view.apply(decode_job_state(raw))
+        except EventDecodeError as exc:
+            log.warning("ignoring bad job-state record: %s", exc)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()

@@ -1,0 +1,80 @@
+"""Blob storage for image bytes; events carry only the reference URI.
+
+`BlobStore` is the seam: the local directory store below serves one machine (or a shared
+volume); an object store can implement the same three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from captionstream.errors import BlobNotFound
+
+
+class BlobStore(Protocol):
+    async def put(self, data: bytes, sha256: str, extension: str) -> str:
+        """Store `data`; return its reference URI."""
+        ...
+
+    async def get(self, ref: str) -> bytes: ...
+
+    async def delete(self, ref: str) -> None: ...
+
+
+class LocalBlobStore:
+    """Content-addressed files under `root`, referenced as `file://` URIs.
+
+    Storing is idempotent (same content, same reference), writes are atomic (temp file +
+    rename), and references are resolved strictly inside `root` so a forged reference
+    cannot read other files.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path_for(self, sha256: str, extension: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}{extension}"
+
+    def path_of(self, ref: str) -> Path:
+        url = urlparse(ref)
+        if url.scheme != "file":
+            raise BlobNotFound(f"not a local blob reference: {ref!r}")
+        path = Path(unquote(url.path)).resolve()
+        if not path.is_relative_to(self.root):
+            raise BlobNotFound(f"reference outside the blob store: {ref!r}")
+        return path
+
+    def put_sync(self, data: bytes, sha256: str, extension: str) -> str:
+        path = self._path_for(sha256, extension)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return path.as_uri()
+
+    def get_sync(self, ref: str) -> bytes:
+        try:
+            return self.path_of(ref).read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise BlobNotFound(f"image {ref!r} is not in the blob store") from exc
+
+    async def put(self, data: bytes, sha256: str, extension: str) -> str:
+        return await asyncio.to_thread(self.put_sync, data, sha256, extension)
+
+    async def get(self, ref: str) -> bytes:
+        return await asyncio.to_thread(self.get_sync, ref)
+
+    async def delete(self, ref: str) -> None:
+        await asyncio.to_thread(self.path_of(ref).unlink, True)

@@ -1,0 +1,1 @@
+"""Processor: a Faust consumer group that captions image events in micro-batches."""

@@ -1,0 +1,126 @@
+"""The captioner seam: a batch of images and options in, one caption per image out.
+
+`Captioner` is the Protocol the pipeline depends on; `BlipCaptioner` is the real one
+(HF transformers, loaded with `from_pretrained`). Captioning is synchronous and CPU/GPU
+bound: callers run it in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from captionstream.errors import ModelLoadError
+from processor.tiny_blip import TINY_BLIP, build_tiny_blip
+from schemas.events import GenerationOptions
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+
+class Captioner(Protocol):
+    name: str
+
+    def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
+        """Return exactly one caption per image, in order."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    max_new_tokens: int = 30
+    num_beams: int = 1
+
+
+def select_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model_source(model: str, data_dir: Path) -> str:
+    """Map the `model` setting to what `from_pretrained` takes (hub id or directory)."""
+    if model == TINY_BLIP:
+        return str(build_tiny_blip(data_dir / "models" / TINY_BLIP))
+    return model
+
+
+class BlipCaptioner:
+    """BLIP (`BlipForConditionalGeneration`), batched, under `torch.inference_mode`."""
+
+    def __init__(
+        self, model: Any, processor: Any, device: str, name: str, defaults: GenerationDefaults
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.name = name
+        self.defaults = defaults
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        data_dir: Path,
+        device: str = "auto",
+        defaults: GenerationDefaults | None = None,
+    ) -> BlipCaptioner:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        source = resolve_model_source(model, data_dir)
+        device = select_device(device)
+        try:
+            processor = BlipProcessor.from_pretrained(source)
+            net: Any = BlipForConditionalGeneration.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            raise ModelLoadError(
+                f"cannot load captioning model {model!r}"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}. "
+                "Set CAPTIONSTREAM_MODEL to a local directory holding a saved BLIP model, "
+                f"or to {TINY_BLIP!r} for a tiny random test model."
+            ) from exc
+        net.to(device).eval()
+        log.info("loaded model %s on %s", model, device)
+        return cls(net, processor, device, name=model, defaults=defaults or GenerationDefaults())
+
+    def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
+        if len(images) != len(options):
+            raise ValueError("one GenerationOptions per image")
+        captions: list[str | None] = [None] * len(images)
+        # Images with the same options share one generate() call.
+        groups: dict[tuple[int, int, str | None], list[int]] = {}
+        for i, opt in enumerate(options):
+            key = (
+                opt.max_new_tokens or self.defaults.max_new_tokens,
+                opt.num_beams or self.defaults.num_beams,
+                opt.prompt,
+            )
+            groups.setdefault(key, []).append(i)
+        for (max_new_tokens, num_beams, prompt), indices in groups.items():
+            batch = [images[i] for i in indices]
+            for i, text in zip(
+                indices, self._generate(batch, max_new_tokens, num_beams, prompt), strict=True
+            ):
+                captions[i] = text
+        return [c if c is not None else "" for c in captions]
+
+    def _generate(
+        self, images: list[Image], max_new_tokens: int, num_beams: int, prompt: str | None
+    ) -> list[str]:
+        import torch
+
+        text = [prompt] * len(images) if prompt else None
+        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return [s.strip() for s in self.processor.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,69 @@
+"""`captionstream worker`: load the model, then run one Faust worker until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import IO
+
+import faust
+
+from captionstream.kafka import ensure_topics
+from captionstream.settings import ProcessorSettings
+from ingest.blobstore import LocalBlobStore
+from processor.app import create_app
+from processor.captioner import BlipCaptioner, GenerationDefaults
+
+log = logging.getLogger(__name__)
+
+
+def claim_worker_dir(root: Path) -> tuple[Path, IO[str]]:
+    """Take the first free `worker-N` state directory under `root`.
+
+    Faust's rocksdb files allow one process each, so workers sharing a data dir each
+    take their own slot; the lock is held (the file stays open) for the process life.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        path = root / f"worker-{n}"
+        path.mkdir(exist_ok=True)
+        lock = open(path / ".lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            n += 1
+            continue
+        return path, lock
+
+
+def configure_torch_threads(requested: int | None) -> None:
+    import torch
+
+    threads = requested or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d", threads)
+
+
+def run_worker(settings: ProcessorSettings) -> None:
+    configure_torch_threads(settings.torch_threads)
+    # The model loads before the worker joins the group: a worker never holds partitions
+    # it cannot serve, and a bad model setting fails at once.
+    captioner = BlipCaptioner.load(
+        settings.model,
+        data_dir=settings.data_dir,
+        device=settings.device,
+        defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+    datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
+    blobs = LocalBlobStore(settings.blob_dir)
+    processor = create_app(settings, captioner, blobs, datadir)
+    worker = faust.Worker(processor.app, loop=loop, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()

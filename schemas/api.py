@@ -1,0 +1,47 @@
+"""HTTP API contracts of the gateway (request and response bodies)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import JobState, JobStatus
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["unsupported image type: image/svg+xml"])
+
+
+class JobAccepted(BaseModel):
+    job_id: str = Field(examples=["5b7a5c0e3c4f4a55a9b8c0d1e2f3a4b5"])
+    status: JobStatus = Field(examples=[JobStatus.PENDING])
+    submitted_at: datetime
+
+
+class JobResult(BaseModel):
+    caption: str = Field(examples=["a cat sitting on a window sill"])
+
+
+class JobStatusResponse(BaseModel):
+    model_config = ConfigDict(use_enum_values=False)
+
+    job_id: str
+    status: JobStatus
+    submitted_at: datetime
+    updated_at: datetime
+    attempts: int
+    result: JobResult | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_state(cls, state: JobState) -> JobStatusResponse:
+        return cls(
+            job_id=state.job_id,
+            status=state.status,
+            submitted_at=state.submitted_at,
+            updated_at=state.updated_at,
+            attempts=state.attempts,
+            result=JobResult(caption=state.caption) if state.caption is not None else None,
+            error=state.error,
+        )

@@ -1,0 +1,171 @@
+"""Events carried on Kafka topics, version 1.
+
+Every event is a JSON object with `type` and `schema_version`, so a consumer can reject
+what it does not understand instead of misreading it. Events carry image *references*,
+never image bytes: Kafka stays small and fast, and the blob store owns the bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION: Literal[1] = 1
+
+# Namespace for deterministic event ids: a redelivered job yields the same event id, so
+# downstream consumers can drop duplicates.
+_EVENT_NAMESPACE = uuid.UUID("6f1c1a1e-4c55-4a8e-9b1e-63a9a4f0c0de")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def caption_event_id(job_id: str) -> str:
+    """The id of the (single) result event of a job: stable across redeliveries."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/result"))
+
+
+class EventDecodeError(ValueError):
+    """Bytes on a topic that are not a valid event of the expected kind and version."""
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class GenerationOptions(BaseModel):
+    """Per-job text generation options; `None` means the worker's default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=200)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+    prompt: str | None = Field(
+        default=None, max_length=200, description="Conditional-caption prefix."
+    )
+
+
+class ImageSubmitted(_Event):
+    """A job was accepted: caption the image behind `image_ref`."""
+
+    type: Literal["image.submitted"] = "image.submitted"
+    job_id: str
+    image_ref: str = Field(
+        description="URI of the stored image, e.g. file:///data/blobs/ab/ab12.png"
+    )
+    content_type: str = Field(examples=["image/png"])
+    size_bytes: int = Field(ge=0)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    submitted_at: datetime
+    options: GenerationOptions = GenerationOptions()
+
+
+class CaptionProduced(_Event):
+    """Public result: the job's caption. `event_id` is stable across redeliveries."""
+
+    type: Literal["caption.produced"] = "caption.produced"
+    event_id: str
+    job_id: str
+    image_ref: str
+    sha256: str
+    caption: str
+    model: str
+    submitted_at: datetime
+    produced_at: datetime
+
+
+class CaptionFailed(_Event):
+    """Public result: the job ended without a caption, and why."""
+
+    type: Literal["caption.failed"] = "caption.failed"
+    event_id: str
+    job_id: str
+    image_ref: str
+    error: str
+    submitted_at: datetime
+    failed_at: datetime
+
+
+CaptionEvent = Annotated[CaptionProduced | CaptionFailed, Field(discriminator="type")]
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCESS, JobStatus.FAILURE)
+
+
+class JobState(_Event):
+    """The latest state of one job (the value on the compacted job-state topic)."""
+
+    type: Literal["job.state"] = "job.state"
+    job_id: str
+    status: JobStatus
+    attempts: int = Field(default=0, ge=0, description="Processing attempts started so far.")
+    submitted_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    caption: str | None = None
+    error: str | None = None
+
+    def advance(self, status: JobStatus, **changes: object) -> JobState:
+        now = utcnow()
+        update: dict[str, object] = {"status": status, "updated_at": now, **changes}
+        if status is JobStatus.STARTED:
+            update.setdefault("started_at", now)
+            update["attempts"] = self.attempts + 1
+        if status.terminal:
+            update.setdefault("finished_at", now)
+        return self.model_copy(update=update)
+
+    @classmethod
+    def pending(cls, job_id: str, submitted_at: datetime) -> JobState:
+        return cls(
+            job_id=job_id,
+            status=JobStatus.PENDING,
+            submitted_at=submitted_at,
+            updated_at=submitted_at,
+        )
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+_caption_adapter: TypeAdapter[CaptionProduced | CaptionFailed] = TypeAdapter(CaptionEvent)
+
+
+def _decode(model: type[_M], raw: bytes | str) -> _M:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"not a valid {model.__name__} v{SCHEMA_VERSION}: {exc}") from exc
+
+
+def decode_image_submitted(raw: bytes | str) -> ImageSubmitted:
+    return _decode(ImageSubmitted, raw)
+
+
+def decode_job_state(raw: bytes | str) -> JobState:
+    return _decode(JobState, raw)
+
+
+def decode_caption_event(raw: bytes | str) -> CaptionProduced | CaptionFailed:
+    try:
+        return _caption_adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"not a valid caption event v{SCHEMA_VERSION}: {exc}") from exc
