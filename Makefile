@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/captionstream up
+	exec $(BIN)/captionstream up
 
 test: install
 	$(BIN)/pytest -q

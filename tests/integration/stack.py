@@ -1,0 +1,180 @@
+"""Real processes for integration tests: the embedded broker, workers and gateways.
+
+Each component runs as its own `captionstream` process, exactly as in production; tests
+talk to them over HTTP, WebSocket and the Kafka protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from captionstream.broker import free_port
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Component:
+    """One `captionstream <part>` process with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@dataclass
+class Stack:
+    """Starts components sharing one broker and one data dir; stops them all at the end."""
+
+    bootstrap: str
+    data_dir: Path
+    log_dir: Path
+    components: list[Component] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CAPTIONSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
+            "CAPTIONSTREAM_KAFKA_PROFILE": "embedded",
+            "CAPTIONSTREAM_DATA_DIR": str(self.data_dir),
+            "CAPTIONSTREAM_MODEL": "tiny-blip",
+            "CAPTIONSTREAM_MAX_BATCH_WAIT_S": "0.05",
+            "HF_HUB_OFFLINE": "1",
+            **extra,
+        }
+
+    def spawn(self, part: str, *args: str, **env: str) -> Component:
+        log_path = self.log_dir / f"{part}-{len(self.components)}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "captionstream", part, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(**env),
+            )
+        component = Component(part, proc, log_path)
+        self.components.append(component)
+        return component
+
+    def start_worker(self, timeout_s: float = 60) -> Component:
+        worker = self.spawn("worker")
+        wait_until(
+            lambda: "[^Worker]: Ready" in worker.log() or not worker.alive(),
+            timeout_s,
+            "the worker to become ready",
+        )
+        assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
+        return worker
+
+    def start_gateway(self, timeout_s: float = 60) -> Gateway:
+        port = free_port()
+        component = self.spawn("gateway", CAPTIONSTREAM_PORT=str(port))
+        gateway = Gateway(f"http://127.0.0.1:{port}", component)
+        wait_until(
+            lambda: gateway.healthy() or not component.alive(),
+            timeout_s,
+            "the gateway to answer /healthz",
+        )
+        assert component.alive(), f"gateway died:\n{component.log()[-3000:]}"
+        return gateway
+
+    def stop_all(self) -> None:
+        for component in reversed(self.components):
+            component.stop()
+
+
+@dataclass
+class Gateway:
+    url: str
+    component: Component | None = None  # None when another process supervises it
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def upload(self, data: bytes, filename: str = "image.png") -> httpx.Response:
+        return httpx.post(f"{self.url}/api/v1/upload", files={"file": (filename, data)}, timeout=30)
+
+    def status(self, job_id: str) -> httpx.Response:
+        return httpx.get(f"{self.url}/api/v1/status/{job_id}", timeout=10)
+
+    def wait_terminal(self, job_id: str, timeout_s: float = 60) -> dict[str, object]:
+        body: dict[str, object] = {}
+
+        def done() -> bool:
+            nonlocal body
+            response = self.status(job_id)
+            body = response.json() if response.status_code == 200 else {}
+            return body.get("status") in ("SUCCESS", "FAILURE")
+
+        wait_until(done, timeout_s, f"job {job_id} to finish")
+        return body
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[tuple[bytes, bytes]]:
+    """All (key, value) records of `topic`, read from the beginning with a plain consumer."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list[tuple[bytes, bytes]] = []
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"could not read {topic} up to {ends}")
+            batches = await consumer.getmany(timeout_ms=200)
+            for batch in batches.values():
+                records.extend((r.key, r.value) for r in batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def new_port() -> int:
+    return free_port()

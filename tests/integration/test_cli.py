@@ -1,0 +1,136 @@
+"""The command line as users run it: `captionstream up` (what `make run` execs), stopping
+without orphans, and failing fast on a bad model setting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from captionstream.broker import free_port
+from tests.conftest import make_png
+from tests.integration.stack import Gateway, wait_until
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONSTREAM_")}
+    env.update(
+        CAPTIONSTREAM_DATA_DIR=str(tmp_path / "data"),
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
+    return env
+
+
+def test_up_runs_the_stack_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "up.log"
+    env = clean_env(tmp_path, CAPTIONSTREAM_MODEL="tiny-blip", CAPTIONSTREAM_PORT=str(port))
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "captionstream", "up", "--broker-port", str(free_port())],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group, like a terminal job
+        )
+    try:
+        gateway = Gateway(f"http://127.0.0.1:{port}")
+        wait_until(gateway.healthy, 60, "the gateway of `captionstream up`")
+        wait_until(lambda: "[^Worker]: Ready" in log_path.read_text(), 60, "the worker")
+        job_id = httpx.post(
+            f"{gateway.url}/api/v1/upload", files={"file": ("a.png", make_png())}
+        ).json()["job_id"]
+        assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
+
+        spawned = descendants(up.pid)
+        assert len(spawned) >= 3, "broker, worker and gateway run as child processes"
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert up.wait(30) == 0
+        wait_until(lambda: not any(running(p) for p in spawned), 10, "children to exit")
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
+def test_sigterm_to_up_stops_its_children(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(tmp_path, CAPTIONSTREAM_MODEL="tiny-blip", CAPTIONSTREAM_PORT=str(port))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "captionstream", "up", "--broker-port", str(free_port())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        gateway = Gateway(f"http://127.0.0.1:{port}")
+        wait_until(gateway.healthy, 60, "the gateway of `captionstream up`")
+        spawned = descendants(up.pid)
+        up.send_signal(signal.SIGTERM)  # only the supervisor gets it
+        assert up.wait(30) == 0
+        wait_until(lambda: not any(running(p) for p in spawned), 10, "children to exit")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_worker_fails_fast_naming_the_setting_when_model_is_unavailable(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, CAPTIONSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}")
+    result = subprocess.run(
+        [sys.executable, "-m", "captionstream", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "CAPTIONSTREAM_MODEL" in result.stderr
+    assert "Salesforce/blip-image-captioning-base" in result.stderr
+
+
+def test_broker_command_starts_nothing_when_an_external_kafka_is_configured(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(tmp_path, CAPTIONSTREAM_KAFKA_BOOTSTRAP="kafka.example:9092")
+    result = subprocess.run(
+        [sys.executable, "-m", "captionstream", "broker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "starting nothing" in result.stderr
