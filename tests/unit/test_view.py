@@ -1,0 +1,135 @@
+"""The gateway's job view: first terminal state is final, subscribers get every change."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.view import JobView, supersedes
+from schemas.events import JobState, JobStatus
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def pending(job_id: str = "job-1") -> JobState:
+    return JobState.pending(job_id, T0)
+
+
+def started(job_id: str = "job-1") -> JobState:
+    return pending(job_id).advance(JobStatus.STARTED)
+
+
+def success(job_id: str = "job-1", caption: str = "a cat") -> JobState:
+    return started(job_id).advance(JobStatus.SUCCESS, caption=caption)
+
+
+def failure(job_id: str = "job-1") -> JobState:
+    return started(job_id).advance(JobStatus.FAILURE, error="bad image")
+
+
+def test_apply_records_new_states() -> None:
+    view = JobView()
+    assert len(view) == 0
+    assert view.get("job-1") is None
+    first = pending()
+    assert view.apply(first) is True
+    assert view.get("job-1") == first
+    second = started()
+    assert view.apply(second) is True
+    assert view.get("job-1") == second
+    assert view.apply(pending("job-2")) is True
+    assert len(view) == 2
+
+
+def test_identical_state_is_not_a_change() -> None:
+    view = JobView()
+    state = started()
+    assert view.apply(state) is True
+    assert view.apply(state.model_copy()) is False
+    assert view.get("job-1") == state
+
+
+def test_non_terminal_state_after_terminal_is_ignored() -> None:
+    view = JobView()
+    final = success()
+    assert view.apply(final) is True
+    # a redelivery moves the job to STARTED again (with a later timestamp): ignored
+    redelivered = final.advance(JobStatus.STARTED)
+    assert view.apply(redelivered) is False
+    assert view.apply(pending()) is False
+    assert view.get("job-1") == final
+
+
+def test_second_different_terminal_state_is_ignored() -> None:
+    view = JobView()
+    final = success(caption="first caption")
+    assert view.apply(final) is True
+    assert view.apply(success(caption="second caption")) is False
+    assert view.apply(failure()) is False
+    assert view.get("job-1") == final
+
+
+def test_terminal_state_of_one_job_does_not_freeze_another() -> None:
+    view = JobView()
+    view.apply(success("job-1"))
+    assert view.apply(started("job-2")) is True
+    assert view.apply(failure("job-2")) is True
+    state = view.get("job-2")
+    assert state is not None
+    assert state.status is JobStatus.FAILURE
+
+
+def test_supersedes() -> None:
+    assert supersedes(pending(), None)
+    assert supersedes(started(), pending())
+    assert supersedes(success(), started())
+    assert not supersedes(started(), success())
+    assert not supersedes(success(caption="other"), success())
+
+
+async def test_subscriber_receives_every_change() -> None:
+    view = JobView()
+    with view.subscribe("job-1") as queue:
+        assert queue.empty()
+        s1, s2 = started(), success()
+        view.apply(s1)
+        view.apply(s1)  # no change: not pushed
+        view.apply(pending("job-2"))  # another job: not pushed
+        view.apply(s2)
+        view.apply(failure())  # ignored after terminal: not pushed
+        assert await asyncio.wait_for(queue.get(), 1) == s1
+        assert await asyncio.wait_for(queue.get(), 1) == s2
+        assert queue.empty()
+
+
+async def test_several_subscribers_of_one_job() -> None:
+    view = JobView()
+    with view.subscribe("job-1") as q1, view.subscribe("job-1") as q2:
+        assert q1 is not q2
+        state = started()
+        view.apply(state)
+        assert q1.get_nowait() is state
+        assert q2.get_nowait() is state
+
+
+async def test_unsubscribes_on_exit() -> None:
+    view = JobView()
+    with view.subscribe("job-1") as queue:
+        assert "job-1" in view._subscribers
+    assert "job-1" not in view._subscribers
+    view.apply(started())
+    assert queue.empty()
+
+
+async def test_unsubscribes_on_exception_and_keeps_other_subscribers() -> None:
+    view = JobView()
+    with view.subscribe("job-1") as keeper:
+        with pytest.raises(RuntimeError), view.subscribe("job-1") as leaver:
+            raise RuntimeError("client went away")
+        assert view._subscribers["job-1"] == {keeper}
+        view.apply(started())
+        assert leaver.empty()
+        assert keeper.qsize() == 1
+    assert "job-1" not in view._subscribers
