@@ -25,6 +25,9 @@ ALLOWED_EXTENSIONS = frozenset(
 # Pillow format name -> (MIME type, canonical extension). Only these decoders are trusted.
 FORMATS: dict[str, tuple[str, str]] = {
     "JPEG": ("image/jpeg", ".jpg"),
+    # Camera JPEGs with an embedded second picture: Pillow's JPEG plugin reports them as
+    # MPO even when only JPEG was asked for. They are JPEG files; BLIP sees frame one.
+    "MPO": ("image/jpeg", ".jpg"),
     "PNG": ("image/png", ".png"),
     "GIF": ("image/gif", ".gif"),
     "BMP": ("image/bmp", ".bmp"),
@@ -92,6 +95,8 @@ def inspect_image(data: bytes, filename: str | None, limits: ImageLimits) -> Val
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedImage(f"image is corrupt or truncated: {exc}") from exc
+    if fmt not in FORMATS:  # defensive: a plugin reported a format we never asked for
+        raise UnsupportedImage(f"unsupported image format {fmt or '(unknown)'}")
     content_type, extension = FORMATS[fmt]
     return ValidatedImage(
         data=data,

@@ -113,12 +113,6 @@ async def test_get_of_a_directory_raises(store: LocalBlobStore) -> None:
         await store.get((store.root / SHA[:2]).as_uri())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LocalBlobStore.path_of resolves a reference containing a NUL byte "
-    "(e.g. '%00') and Path.resolve raises ValueError('embedded null byte'), which escapes "
-    "get_sync instead of BlobNotFound",
-)
 def test_get_with_nul_byte_raises_blob_not_found(store: LocalBlobStore) -> None:
     with pytest.raises(BlobNotFound):
         store.get_sync(store.root.as_uri() + "/ab/%00.png")

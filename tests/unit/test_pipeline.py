@@ -237,12 +237,6 @@ def test_captioner_returning_too_few_captions_falls_back_to_one_by_one(
     assert len(captioner.calls) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reference with a NUL byte makes LocalBlobStore.get_sync raise ValueError "
-    "(not BlobNotFound), which is not a CaptionstreamError: caption_batch raises for the "
-    "whole batch instead of failing that one job",
-)
 def test_reference_with_nul_byte_fails_only_its_job(store: LocalBlobStore) -> None:
     good = submit(store, "good", png((8, 8)))
     forged = good.model_copy(

@@ -66,12 +66,6 @@ def test_unknown_profile_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         CommonSettings()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CAPTIONSTREAM_KAFKA_BOOTSTRAP='' (set but empty) makes `bootstrap` fall "
-    "back to the embedded broker (truthiness) while `profile` says kafka (`is None`): "
-    "the embedded broker is then used without its client workarounds",
-)
 def test_empty_bootstrap_is_consistent_with_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAPTIONSTREAM_KAFKA_BOOTSTRAP", "")
     settings = CommonSettings()

@@ -166,12 +166,6 @@ def test_rejections_share_a_base_class() -> None:
     assert issubclass(ImageTooLarge, ImageRejected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a multi-picture JPEG (MPO, written by many cameras) is opened by Pillow as "
-    "format 'MPO', which is not a key of FORMATS: inspect_image raises KeyError (HTTP 500) "
-    "instead of accepting it as image/jpeg",
-)
 def test_multi_picture_jpeg_is_accepted_as_jpeg() -> None:
     buf = io.BytesIO()
     first = Image.new("RGB", (40, 30), "red")
