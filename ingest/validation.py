@@ -36,6 +36,9 @@ FORMATS: dict[str, tuple[str, str]] = {
     "WEBP": ("image/webp", ".webp"),
 }
 
+# The Pillow decoders tried, in order (MPO is reached through the JPEG decoder).
+DECODERS = ["JPEG", "PNG", "GIF", "BMP", "TIFF", "ICO", "WEBP"]
+
 
 @dataclass(frozen=True, slots=True)
 class ImageLimits:
@@ -78,7 +81,7 @@ def inspect_image(data: bytes, filename: str | None, limits: ImageLimits) -> Val
             # Our own pixel limit decides; Pillow's hard bomb error (at 2x its
             # MAX_IMAGE_PIXELS) still applies on top and is reported the same way.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(FORMATS)) as img:
+            with Image.open(io.BytesIO(data), formats=DECODERS) as img:
                 fmt = img.format or ""
                 width, height = img.size
                 if width * height > limits.max_pixels:
