@@ -45,7 +45,10 @@ class LocalBlobStore:
         url = urlparse(ref)
         if url.scheme != "file":
             raise BlobNotFound(f"not a local blob reference: {ref!r}")
-        path = Path(unquote(url.path)).resolve()
+        try:
+            path = Path(unquote(url.path)).resolve()
+        except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
+            raise BlobNotFound(f"malformed blob reference: {ref!r}") from exc
         if not path.is_relative_to(self.root):
             raise BlobNotFound(f"reference outside the blob store: {ref!r}")
         return path

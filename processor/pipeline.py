@@ -92,6 +92,9 @@ def caption_batch(
             ready.append((i, decode_rgb(read_blob(job.image_ref), max_pixels)))
         except CaptionstreamError as exc:
             results[i] = failed(job, exc.detail)
+        except Exception as exc:  # an unexpected read error still fails only this job
+            log.exception("reading image of job %s failed", job.job_id)
+            results[i] = failed(job, f"cannot read image: {type(exc).__name__}: {exc}")
     if ready:
         try:
             captions = captioner.caption(
