@@ -10,7 +10,7 @@ import enum
 import os
 from pathlib import Path
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BOOTSTRAP = "127.0.0.1:9092"
@@ -49,10 +49,16 @@ class CommonSettings(BaseSettings):
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic.")
     replication_factor: int = Field(default=1, ge=1, description="Of topics this creates.")
 
+    @field_validator("kafka_bootstrap", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `CAPTIONSTREAM_KAFKA_BOOTSTRAP=` (empty) means "not set", consistently everywhere.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def bootstrap(self) -> str:
-        return self.kafka_bootstrap or EMBEDDED_BOOTSTRAP
+        return EMBEDDED_BOOTSTRAP if self.kafka_bootstrap is None else self.kafka_bootstrap
 
     @computed_field  # type: ignore[prop-decorator]
     @property
