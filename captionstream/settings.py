@@ -93,6 +93,7 @@ class ProcessorSettings(CommonSettings):
         description="Hub id, local directory, or `tiny-blip` (random weights, for tests).",
     )
     device: str = Field(default="auto", description="`auto` (cuda if available), cpu, cuda...")
+    max_pixels: int = Field(default=200_000_000, ge=1, description="Refuse larger images.")
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_s: float = Field(default=0.05, ge=0)
     max_new_tokens: int = Field(default=30, ge=1, le=200)

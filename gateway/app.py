@@ -17,7 +17,7 @@ from gateway.publisher import KafkaJobPublisher
 from gateway.routes import health, jobs
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
-from ingest.validation import ImageLimits
+from ingest.validation import ImageLimits, allow_pixels
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        allow_pixels(settings.max_pixels)
         await ensure_topics(settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap,

@@ -60,6 +60,13 @@ class ValidatedImage:
         return len(self.data)
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Let our `max_pixels` decide: Pillow refuses at 2 x MAX_IMAGE_PIXELS (~179 Mpx) by
+    itself, which would silently cap the setting. Process-wide; called at start-up."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def check_filename(filename: str | None) -> None:
     """Refuse names whose extension is not an image type (cheap, before decoding)."""
     if not filename:
@@ -78,8 +85,8 @@ def inspect_image(data: bytes, filename: str | None, limits: ImageLimits) -> Val
         raise UnsupportedImage("empty file")
     try:
         with warnings.catch_warnings():
-            # Our own pixel limit decides; Pillow's hard bomb error (at 2x its
-            # MAX_IMAGE_PIXELS) still applies on top and is reported the same way.
+            # Our own pixel limit decides (see `allow_pixels`); Pillow's hard bomb error
+            # stays as a backstop and is reported the same way.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=DECODERS) as img:
                 fmt = img.format or ""

@@ -111,7 +111,12 @@ def create_app(
     # One inference thread per worker: the model is not re-entrant, and one batch at a
     # time on all cores beats two batches fighting over them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-    caption = functools.partial(caption_batch, read_blob=blobs.get_sync, captioner=captioner)
+    caption = functools.partial(
+        caption_batch,
+        read_blob=blobs.get_sync,
+        captioner=captioner,
+        max_pixels=settings.max_pixels,
+    )
 
     async def run_captioning(batch: list[ImageSubmitted]) -> list[CaptionResult]:
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import faust
 from captionstream.kafka import ensure_topics
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
+from ingest.validation import allow_pixels
 from processor.app import create_app
 from processor.captioner import BlipCaptioner, GenerationDefaults
 
@@ -51,6 +52,7 @@ def configure_torch_threads(requested: int | None) -> None:
 
 def run_worker(settings: ProcessorSettings) -> None:
     configure_torch_threads(settings.torch_threads)
+    allow_pixels(settings.max_pixels)
     # The model loads before the worker joins the group: a worker never holds partitions
     # it cannot serve, and a bad model setting fails at once.
     captioner = BlipCaptioner.load(

@@ -185,3 +185,19 @@ async def test_validate_image_raises_the_same_errors() -> None:
         await validate_image(b"not an image", "x.png", LIMITS)
     with pytest.raises(ImageTooLarge):
         await validate_image(encode("PNG"), "x.png", ImageLimits(max_pixels=1))
+
+
+def test_pixel_limit_above_pillows_own_cap_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 14000x13000 (182 Mpx) image is under the 200 Mpx default but over Pillow's cap."""
+    from PIL import Image as PILImage
+
+    from ingest.validation import allow_pixels
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", PILImage.MAX_IMAGE_PIXELS)
+    buf = io.BytesIO()
+    PILImage.new("1", (14000, 13000)).save(buf, "PNG")
+    data = buf.getvalue()
+    with pytest.raises(ImageTooLarge):
+        inspect_image(data, "big.png", ImageLimits())
+    allow_pixels(ImageLimits().max_pixels)
+    assert inspect_image(data, "big.png", ImageLimits()).width == 14000
