@@ -93,12 +93,20 @@ class ProcessorSettings(CommonSettings):
         description="Hub id, local directory, or `tiny-blip` (random weights, for tests).",
     )
     device: str = Field(default="auto", description="`auto` (cuda if available), cpu, cuda...")
+    precision: str = Field(
+        default="auto",
+        description="`auto` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), "
+        "or fp32 / bf16 / fp16.",
+    )
     max_pixels: int = Field(default=200_000_000, ge=1, description="Refuse larger images.")
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_wait_s: float = Field(default=0.05, ge=0)
     max_new_tokens: int = Field(default=30, ge=1, le=200)
     num_beams: int = Field(default=1, ge=1, le=8)
     group_id: str = "captionstream-processor"
+    max_attempts: int = Field(default=3, ge=1, description="Attempts for a transient failure.")
+    retry_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay.")
+    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Cap on retry delay.")
     torch_threads: int | None = Field(
         default=None, description="Intra-op threads; default: the cores this process may use."
     )
