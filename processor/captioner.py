@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from captionstream.errors import ModelLoadError
+from processor.precision import cpu_has_native_bf16, resolve_precision
 from processor.tiny_blip import TINY_BLIP, build_tiny_blip
 from schemas.events import GenerationOptions
 
@@ -72,15 +73,23 @@ class BlipCaptioner:
         *,
         data_dir: Path,
         device: str = "auto",
+        precision: str = "auto",
         defaults: GenerationDefaults | None = None,
     ) -> BlipCaptioner:
+        """Load `model` onto `device` in `precision` (see `processor.precision`)."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        source = resolve_model_source(model, data_dir)
         device = select_device(device)
+        # A bad precision setting fails before the (slow) model load.
+        chosen = resolve_precision(
+            precision,
+            device,
+            cpu_has_bf16=device.startswith("cpu") and cpu_has_native_bf16(),
+        )
+        source = resolve_model_source(model, data_dir)
         try:
             processor = BlipProcessor.from_pretrained(source)
-            net: Any = BlipForConditionalGeneration.from_pretrained(source)
+            net: Any = BlipForConditionalGeneration.from_pretrained(source, dtype=chosen.dtype)
         except (OSError, ValueError) as exc:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             raise ModelLoadError(
@@ -90,7 +99,14 @@ class BlipCaptioner:
                 f"or to {TINY_BLIP!r} for a tiny random test model."
             ) from exc
         net.to(device).eval()
-        log.info("loaded model %s on %s", model, device)
+        log.info(
+            "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s)",
+            model,
+            device,
+            chosen.value,
+            net.dtype,
+            precision,
+        )
         return cls(net, processor, device, name=model, defaults=defaults or GenerationDefaults())
 
     def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
@@ -121,6 +137,8 @@ class BlipCaptioner:
 
         text = [prompt] * len(images) if prompt else None
         inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
+        # The processor makes fp32 pixels; a bf16/fp16 model needs its own dtype.
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [s.strip() for s in self.processor.batch_decode(ids, skip_special_tokens=True)]

@@ -59,6 +59,7 @@ def run_worker(settings: ProcessorSettings) -> None:
         settings.model,
         data_dir=settings.data_dir,
         device=settings.device,
+        precision=settings.precision,
         defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
     )
     loop = asyncio.new_event_loop()
