@@ -10,6 +10,7 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,22 @@ from captionstream.kafka import tuning_for
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.captioner import Captioner
-from processor.pipeline import CaptionResult, Delivery, caption_batch, handle_batch
-from schemas.events import ImageSubmitted, JobState, decode_job_state
-from schemas.topics import TOPICS
+from processor.pipeline import (
+    CaptionOutcome,
+    Delivery,
+    RetryPolicy,
+    caption_batch,
+    handle_batch,
+)
+from schemas.events import (
+    CaptionFailed,
+    CaptionProduced,
+    ImageSubmitted,
+    JobState,
+    decode_job_state,
+    utcnow,
+)
+from schemas.topics import TOPICS, Headers
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +63,56 @@ class TableStateStore:
 class TopicSink:
     """`ResultSink` on Faust topics; each send is awaited until the broker acked it."""
 
-    def __init__(self, captions: faust.TopicT, job_state: faust.TopicT) -> None:
+    def __init__(
+        self,
+        captions: faust.TopicT,
+        job_state: faust.TopicT,
+        retries: faust.TopicT,
+        dead_letters: faust.TopicT,
+    ) -> None:
         self.captions = captions
         self.job_state = job_state
+        self.retries = retries
+        self.dead_letters = dead_letters
 
-    async def _send(self, topic: faust.TopicT, key: str, value: str) -> None:
-        fut = await topic.send(key=key.encode(), value=value.encode())
+    async def _send(
+        self,
+        topic: faust.TopicT,
+        key: bytes | None,
+        value: bytes,
+        headers: dict[str, bytes] | None = None,
+    ) -> None:
+        fut = await topic.send(key=key, value=value, headers=headers)
         await fut
 
     async def publish_state(self, state: JobState) -> None:
-        await self._send(self.job_state, state.job_id, state.model_dump_json())
+        await self._send(self.job_state, state.job_id.encode(), state.model_dump_json().encode())
 
-    async def publish_caption(self, event: CaptionResult) -> None:
-        await self._send(self.captions, event.job_id, event.model_dump_json())
+    async def publish_caption(self, event: CaptionProduced | CaptionFailed) -> None:
+        await self._send(self.captions, event.job_id.encode(), event.model_dump_json().encode())
+
+    async def schedule_retry(self, delivery: Delivery, not_before: datetime) -> None:
+        headers = {Headers.NOT_BEFORE: not_before.isoformat().encode()}
+        await self._send(self.retries, delivery.key, delivery.value, headers)
+
+    async def dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
+        headers = {
+            Headers.REASON: reason.encode(),
+            Headers.ATTEMPTS: str(attempts).encode(),
+            Headers.SOURCE_TOPIC: TOPICS.images.name.encode(),
+            Headers.FAILED_AT: utcnow().isoformat().encode(),
+        }
+        await self._send(self.dead_letters, delivery.key, delivery.value, headers)
+
+
+def seconds_until_due(headers: dict[str, bytes], now: datetime) -> float:
+    """How long a retry must still wait; a missing or bad header means "now"."""
+    raw = headers.get(Headers.NOT_BEFORE)
+    try:
+        due = datetime.fromisoformat(raw.decode()) if raw else now
+    except ValueError:
+        return 0.0
+    return max(0.0, (due - now).total_seconds())
 
 
 @dataclass
@@ -100,7 +151,16 @@ def create_app(
         )
 
     images = raw_topic(TOPICS.images.name)
-    sink = TopicSink(raw_topic(TOPICS.captions.name), raw_topic(TOPICS.job_state.name))
+    retries = raw_topic(TOPICS.retries.name)
+    sink = TopicSink(
+        captions=raw_topic(TOPICS.captions.name),
+        job_state=raw_topic(TOPICS.job_state.name),
+        retries=retries,
+        dead_letters=raw_topic(TOPICS.dead_letters.name),
+    )
+    policy = RetryPolicy(
+        settings.max_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
+    )
     jobs = app.Table(
         "jobs",
         default=None,
@@ -118,7 +178,7 @@ def create_app(
         max_pixels=settings.max_pixels,
     )
 
-    async def run_captioning(batch: list[ImageSubmitted]) -> list[CaptionResult]:
+    async def run_captioning(batch: list[ImageSubmitted]) -> list[CaptionOutcome]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, caption, batch)
 
@@ -128,7 +188,29 @@ def create_app(
         async for events in stream.take_events(
             settings.max_batch_size, within=settings.max_batch_wait_s
         ):
-            deliveries = [Delivery(value=event.value, origin=event) for event in events]
-            await handle_batch(deliveries, store=store, sink=sink, run_captioning=run_captioning)
+            deliveries = [
+                Delivery(value=event.value, origin=event, key=event.key) for event in events
+            ]
+            await handle_batch(
+                deliveries,
+                store=store,
+                sink=sink,
+                run_captioning=run_captioning,
+                policy=policy,
+            )
+
+    @app.agent(retries)
+    async def release_retries(stream: Any) -> None:
+        """Hold each retry until it is due, then put it back on the images topic.
+
+        Waiting here never blocks captioning (another agent) nor heartbeats (it is an
+        await, not a sleep in a thread); delays are capped by retry_backoff_max_s.
+        """
+        async for event in stream.events():
+            delay = seconds_until_due(event.headers, utcnow())
+            if delay:
+                await asyncio.sleep(delay)
+            fut = await images.send(key=event.key, value=event.value)
+            await fut
 
     return ProcessorApp(app=app, images=images)

@@ -1,7 +1,7 @@
 """What the processor does with a micro-batch, as plain functions (no Faust, no Kafka).
 
 `caption_batch` is synchronous (decode + inference; it runs in a worker thread) and
-returns exactly one result event per job: a bad image fails only its own job.
+returns exactly one outcome per job: a bad image fails only its own job.
 `handle_batch` is the async orchestration the Faust agent delegates to; its state store
 and result sink are Protocols, so it is tested with fakes and runs on a Faust table.
 """
@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image, ImageOps
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CaptionResult = CaptionProduced | CaptionFailed
-
 
 def decode_rgb(data: bytes, max_pixels: int) -> PILImage:
     """Decode stored bytes to an upright RGB image, or raise `ImageUnreadable`."""
@@ -54,7 +53,27 @@ def decode_rgb(data: bytes, max_pixels: int) -> PILImage:
         raise ImageUnreadable(f"cannot decode image: {exc}") from exc
 
 
-def failed(job: ImageSubmitted, error: str) -> CaptionFailed:
+@dataclass(frozen=True, slots=True)
+class JobFailure:
+    """Captioning one job failed; `retriable` says whether another attempt may succeed."""
+
+    job: ImageSubmitted
+    error: str
+    retriable: bool
+
+
+CaptionOutcome = CaptionProduced | JobFailure
+
+
+def failure_of(job: ImageSubmitted, exc: BaseException) -> JobFailure:
+    """Policy is read off the exception: our errors say if they are `retriable`; any
+    other exception (a model or I/O hiccup) is assumed transient and retried."""
+    if isinstance(exc, CaptionstreamError):
+        return JobFailure(job, exc.detail, exc.retriable)
+    return JobFailure(job, f"{type(exc).__name__}: {exc}", retriable=True)
+
+
+def failed_event(job: ImageSubmitted, error: str) -> CaptionFailed:
     return CaptionFailed(
         event_id=caption_event_id(job.job_id),
         job_id=job.job_id,
@@ -83,18 +102,15 @@ def caption_batch(
     read_blob: Callable[[str], bytes],
     captioner: Captioner,
     max_pixels: int = 200_000_000,
-) -> list[CaptionResult]:
-    """Caption `jobs`; one result per job, in order. Never raises for a single bad job."""
-    results: list[CaptionResult | None] = [None] * len(jobs)
+) -> list[CaptionOutcome]:
+    """Caption `jobs`; one outcome per job, in order. Never raises for a single bad job."""
+    results: list[CaptionOutcome | None] = [None] * len(jobs)
     ready: list[tuple[int, PILImage]] = []
     for i, job in enumerate(jobs):
         try:
             ready.append((i, decode_rgb(read_blob(job.image_ref), max_pixels)))
-        except CaptionstreamError as exc:
-            results[i] = failed(job, exc.detail)
-        except Exception as exc:  # an unexpected read error still fails only this job
-            log.exception("reading image of job %s failed", job.job_id)
-            results[i] = failed(job, f"cannot read image: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # one unreadable image fails only its own job
+            results[i] = failure_of(job, exc)
     if ready:
         try:
             captions = captioner.caption(
@@ -102,25 +118,28 @@ def caption_batch(
             )
             for (i, _), text in zip(ready, captions, strict=True):
                 results[i] = produced(jobs[i], text, captioner.name)
-        except Exception:
+        except Exception as exc:
             if len(ready) == 1:
                 i, _ = ready[0]
-                log.exception("captioning job %s failed", jobs[i].job_id)
-                results[i] = failed(jobs[i], "captioning failed; see worker log")
+                log.warning("captioning job %s failed: %r", jobs[i].job_id, exc)
+                results[i] = failure_of(jobs[i], exc)
             else:
                 # Isolate the culprit: caption one by one so only the bad job fails.
-                log.warning("batch of %d failed; retrying its jobs one by one", len(ready))
+                log.warning("batch of %d failed (%r); retrying one by one", len(ready), exc)
                 for i, img in ready:
                     results[i] = _caption_one(jobs[i], img, captioner)
-    return [r if r is not None else failed(jobs[i], "no result") for i, r in enumerate(results)]
+    return [
+        r if r is not None else JobFailure(jobs[i], "no result", retriable=True)
+        for i, r in enumerate(results)
+    ]
 
 
-def _caption_one(job: ImageSubmitted, img: PILImage, captioner: Captioner) -> CaptionResult:
+def _caption_one(job: ImageSubmitted, img: PILImage, captioner: Captioner) -> CaptionOutcome:
     try:
         [text] = captioner.caption([img], [job.options])
     except Exception as exc:
-        log.exception("captioning job %s failed", job.job_id)
-        return failed(job, f"captioning failed: {type(exc).__name__}: {exc}")
+        log.warning("captioning job %s failed: %r", job.job_id, exc)
+        return failure_of(job, exc)
     return produced(job, text, captioner.name)
 
 
@@ -128,11 +147,24 @@ def _caption_one(job: ImageSubmitted, img: PILImage, captioner: Captioner) -> Ca
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff: attempt n (1-based) that failed waits base * 2**(n-1), capped."""
+
+    max_attempts: int = 3
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+    def delay_after(self, attempt: int) -> float:
+        return float(min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One message from the images topic. `origin` is opaque here (the Faust event)."""
 
-    value: bytes
+    value: bytes | None
     origin: Any = None
+    key: bytes | None = None
 
 
 class JobStateStore(Protocol):
@@ -144,7 +176,15 @@ class JobStateStore(Protocol):
 class ResultSink(Protocol):
     async def publish_state(self, state: JobState) -> None: ...
 
-    async def publish_caption(self, event: CaptionResult) -> None: ...
+    async def publish_caption(self, event: CaptionProduced | CaptionFailed) -> None: ...
+
+    async def schedule_retry(self, delivery: Delivery, not_before: datetime) -> None:
+        """Send the image event back through the retry topic, due at `not_before`."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
+        """Park the original message on the dead-letter topic with the reason."""
+        ...
 
 
 async def handle_batch(
@@ -152,20 +192,25 @@ async def handle_batch(
     *,
     store: JobStateStore,
     sink: ResultSink,
-    run_captioning: Callable[[list[ImageSubmitted]], Awaitable[list[CaptionResult]]],
+    run_captioning: Callable[[list[ImageSubmitted]], Awaitable[list[CaptionOutcome]]],
+    policy: RetryPolicy | None = None,
 ) -> list[JobState]:
-    """Move each job of the batch to STARTED, caption them, then to SUCCESS or FAILURE.
+    """Move each job of the batch to STARTED, caption them, then to SUCCESS, RETRY or
+    FAILURE.
 
     Idempotent under redelivery: a job whose state is already terminal is skipped, so a
-    job never gets a second, different result. Returns the final states written.
+    job never gets a second, different result. A malformed message goes to the
+    dead-letter topic. Returns the states written last, one per job handled.
     """
-    batch: list[tuple[ImageSubmitted, JobState, Any]] = []
+    policy = policy or RetryPolicy()
+    batch: list[tuple[ImageSubmitted, JobState, Delivery]] = []
     seen: set[str] = set()
     for delivery in deliveries:
         try:
             job = decode_image_submitted(delivery.value)
         except EventDecodeError as exc:
-            log.error("dropping malformed image event: %s", exc)
+            log.error("dead-lettering a malformed image event: %s", exc)
+            await sink.dead_letter(delivery, f"malformed event: {exc}", attempts=0)
             continue
         current = store.get(job.job_id)
         if job.job_id in seen or (current is not None and current.status.terminal):
@@ -173,22 +218,31 @@ async def handle_batch(
             continue
         seen.add(job.job_id)
         started = (current or JobState.pending(job.job_id, job.submitted_at)).advance(
-            JobStatus.STARTED
+            JobStatus.STARTED, error=None
         )
         store.put(started, delivery.origin)
         await sink.publish_state(started)
-        batch.append((job, started, delivery.origin))
+        batch.append((job, started, delivery))
     if not batch:
         return []
-    results = await run_captioning([job for job, _, _ in batch])
+    outcomes = await run_captioning([job for job, _, _ in batch])
     finals: list[JobState] = []
-    for (_job, started, origin), result in zip(batch, results, strict=True):
-        if isinstance(result, CaptionProduced):
-            final = started.advance(JobStatus.SUCCESS, caption=result.caption)
+    for (job, started, delivery), outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, CaptionProduced):
+            final = started.advance(JobStatus.SUCCESS, caption=outcome.caption)
+            await sink.publish_caption(outcome)
+        elif outcome.retriable and started.attempts < policy.max_attempts:
+            delay = policy.delay_after(started.attempts)
+            final = started.advance(JobStatus.RETRY, error=outcome.error)
+            await sink.schedule_retry(delivery, utcnow() + timedelta(seconds=delay))
         else:
-            final = started.advance(JobStatus.FAILURE, error=result.error)
-        await sink.publish_caption(result)
+            error = outcome.error
+            if outcome.retriable:
+                error = f"{error} (gave up after {started.attempts} attempts)"
+            final = started.advance(JobStatus.FAILURE, error=error)
+            await sink.publish_caption(failed_event(job, error))
+            await sink.dead_letter(delivery, error, attempts=started.attempts)
         await sink.publish_state(final)
-        store.put(final, origin)  # last: a crash before this means the job is redone
+        store.put(final, delivery.origin)  # last: a crash before this means a redo
         finals.append(final)
     return finals

@@ -149,18 +149,20 @@ _M = TypeVar("_M", bound=BaseModel)
 _caption_adapter: TypeAdapter[CaptionProduced | CaptionFailed] = TypeAdapter(CaptionEvent)
 
 
-def _decode(model: type[_M], raw: bytes | str) -> _M:
+def _decode(model: type[_M], raw: bytes | str | None) -> _M:
+    if raw is None:
+        raise EventDecodeError(f"empty message where a {model.__name__} was expected")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise EventDecodeError(f"not a valid {model.__name__} v{SCHEMA_VERSION}: {exc}") from exc
 
 
-def decode_image_submitted(raw: bytes | str) -> ImageSubmitted:
+def decode_image_submitted(raw: bytes | str | None) -> ImageSubmitted:
     return _decode(ImageSubmitted, raw)
 
 
-def decode_job_state(raw: bytes | str) -> JobState:
+def decode_job_state(raw: bytes | str | None) -> JobState:
     return _decode(JobState, raw)
 
 

@@ -24,9 +24,23 @@ class Topics:
     captions: TopicSpec = TopicSpec("captionstream.captions.v1")
     # Latest `JobState` per job id; gateways materialize their view from it.
     job_state: TopicSpec = TopicSpec("captionstream.job-state.v1", compacted=True)
+    # Image events waiting out a retry backoff (header `not-before`). Internal.
+    retries: TopicSpec = TopicSpec("captionstream.images.retry.v1")
+    # Messages that could not be processed, verbatim, with the reason in headers.
+    dead_letters: TopicSpec = TopicSpec("captionstream.dead-letters.v1")
 
     def all(self) -> tuple[TopicSpec, ...]:
-        return (self.images, self.captions, self.job_state)
+        return (self.images, self.captions, self.job_state, self.retries, self.dead_letters)
+
+
+class Headers:
+    """Kafka header names this project writes (values are UTF-8)."""
+
+    NOT_BEFORE = "captionstream-not-before"  # ISO-8601 UTC: when a retry is due
+    REASON = "captionstream-reason"  # why a message was dead-lettered
+    ATTEMPTS = "captionstream-attempts"  # processing attempts made before dead-lettering
+    SOURCE_TOPIC = "captionstream-source-topic"
+    FAILED_AT = "captionstream-failed-at"
 
 
 TOPICS = Topics()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ from PIL import Image
 from captionstream.errors import ImageUnreadable
 from ingest.blobstore import LocalBlobStore
 from processor.pipeline import (
-    CaptionResult,
+    CaptionOutcome,
     Delivery,
+    JobFailure,
+    RetryPolicy,
     caption_batch,
     decode_rgb,
     handle_batch,
@@ -99,7 +101,11 @@ def missing(store: LocalBlobStore, job_id: str) -> ImageSubmitted:
     return job
 
 
-def captions(results: Sequence[CaptionResult]) -> list[str | None]:
+def job_id_of(outcome: CaptionOutcome) -> str:
+    return outcome.job_id if isinstance(outcome, CaptionProduced) else outcome.job.job_id
+
+
+def captions(results: Sequence[CaptionOutcome]) -> list[str | None]:
     return [r.caption if isinstance(r, CaptionProduced) else None for r in results]
 
 
@@ -176,14 +182,14 @@ def test_missing_or_corrupt_blob_fails_only_its_job(store: LocalBlobStore) -> No
 
     results = caption_batch(jobs, store.get_sync, captioner)
 
-    assert [r.job_id for r in results] == ["good-a", "gone", "corrupt", "forged", "good-b"]
+    assert [job_id_of(r) for r in results] == ["good-a", "gone", "corrupt", "forged", "good-b"]
     assert captions(results) == ["30x10", None, None, None, "31x11"]
     assert captioner.calls == [[(30, 10), (31, 11)]]  # bad images never reach the model
     for result in results[1:4]:
-        assert isinstance(result, CaptionFailed)
+        assert isinstance(result, JobFailure)
         assert result.error
-        assert result.event_id == caption_event_id(result.job_id)
-    errors = [r.error for r in results if isinstance(r, CaptionFailed)]
+        assert not result.retriable, "a missing or corrupt image cannot improve by retrying"
+    errors = [r.error for r in results if isinstance(r, JobFailure)]
     assert "not in the blob store" in errors[0]
     assert "cannot decode" in errors[1]
     assert "outside" in errors[2]
@@ -198,7 +204,7 @@ def test_too_many_pixels_fails_only_its_job(store: LocalBlobStore) -> None:
 def test_all_jobs_bad_never_calls_the_captioner(store: LocalBlobStore) -> None:
     captioner = SizeCaptioner()
     results = caption_batch([missing(store, "a"), missing(store, "b")], store.get_sync, captioner)
-    assert [type(r) for r in results] == [CaptionFailed, CaptionFailed]
+    assert [type(r) for r in results] == [JobFailure, JobFailure]
     assert captioner.calls == []
 
 
@@ -208,10 +214,11 @@ def test_captioner_failing_on_one_image_fails_only_that_job(store: LocalBlobStor
 
     results = caption_batch(jobs, store.get_sync, captioner)
 
-    assert [r.job_id for r in results] == ["job-0", "job-1", "job-2"]
+    assert [job_id_of(r) for r in results] == ["job-0", "job-1", "job-2"]
     assert captions(results) == ["10x10", None, "12x10"]
     failure = results[1]
-    assert isinstance(failure, CaptionFailed)
+    assert isinstance(failure, JobFailure)
+    assert failure.retriable, "an unexpected model error is assumed transient"
     assert "RuntimeError" in failure.error
     assert "blew up" in failure.error
     # the batch call, then one call per image
@@ -222,9 +229,9 @@ def test_captioner_failing_on_a_single_job_batch(store: LocalBlobStore) -> None:
     job = submit(store, "only", png((7, 7)))
     results = caption_batch([job], store.get_sync, SizeCaptioner(poison=(7, 7)))
     assert len(results) == 1
-    assert isinstance(results[0], CaptionFailed)
-    assert results[0].job_id == "only"
-    assert "captioning failed" in results[0].error
+    assert isinstance(results[0], JobFailure)
+    assert results[0].job.job_id == "only"
+    assert "blew up" in results[0].error
 
 
 def test_captioner_returning_too_few_captions_falls_back_to_one_by_one(
@@ -269,14 +276,24 @@ class ListSink:
     async def publish_state(self, state: JobState) -> None:
         self.log.append(("state", state))
 
-    async def publish_caption(self, event: CaptionResult) -> None:
+    async def publish_caption(self, event: CaptionProduced | CaptionFailed) -> None:
         self.log.append(("caption", event))
+
+    async def schedule_retry(self, delivery: Delivery, not_before: datetime) -> None:
+        self.log.append(("retry", (delivery, not_before)))
+
+    async def dead_letter(self, delivery: Delivery, reason: str, attempts: int) -> None:
+        self.log.append(("dead", (delivery, reason, attempts)))
+
+    def of(self, kind: str) -> list[Any]:
+        return [item for k, item in self.log if k == kind]
 
     def summary(self) -> list[tuple[str, str, str]]:
         out = []
         for kind, item in self.log:
-            what = item.status.value if kind == "state" else item.type
-            out.append((kind, item.job_id, what))
+            if kind in ("state", "caption"):
+                what = item.status.value if kind == "state" else item.type
+                out.append((kind, item.job_id, what))
         return out
 
 
@@ -288,7 +305,7 @@ class Runner:
         self.captioner = captioner or SizeCaptioner()
         self.batches: list[list[str]] = []
 
-    async def __call__(self, jobs: list[ImageSubmitted]) -> list[CaptionResult]:
+    async def __call__(self, jobs: list[ImageSubmitted]) -> list[CaptionOutcome]:
         self.batches.append([j.job_id for j in jobs])
         return caption_batch(jobs, self.blobs.get_sync, self.captioner)
 
@@ -420,7 +437,11 @@ async def test_only_malformed_deliveries(store: LocalBlobStore) -> None:
         await handle_batch([Delivery(b"nope")], store=states, sink=sink, run_captioning=run) == []
     )
     assert run.batches == []
-    assert sink.log == []
+    [(dead, reason, attempts)] = sink.of("dead")
+    assert dead.value == b"nope"
+    assert "malformed" in reason
+    assert attempts == 0
+    assert sink.summary() == []
     assert states.puts == []
 
 
@@ -446,7 +467,112 @@ async def test_duplicate_job_in_one_batch_is_processed_once(store: LocalBlobStor
 
 
 async def test_handle_batch_empty() -> None:
-    async def never(jobs: list[ImageSubmitted]) -> list[CaptionResult]:
+    async def never(jobs: list[ImageSubmitted]) -> list[CaptionOutcome]:
         raise AssertionError("must not be called")
 
     assert await handle_batch([], store=DictStore(), sink=ListSink(), run_captioning=never) == []
+
+
+# --- retry policy ---------------------------------------------------------------------
+
+
+class FlakyRunner(Runner):
+    """The model fails (transiently) on its first `failures` calls."""
+
+    def __init__(self, blobs: LocalBlobStore, failures: int) -> None:
+        super().__init__(blobs, SizeCaptioner())
+        self.failures = failures
+
+    async def __call__(self, jobs: list[ImageSubmitted]) -> list[CaptionOutcome]:
+        self.batches.append([j.job_id for j in jobs])
+        if self.failures > 0:
+            self.failures -= 1
+            return [JobFailure(job, "CUDA out of memory", retriable=True) for job in jobs]
+        return caption_batch(jobs, self.blobs.get_sync, self.captioner)
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    policy = RetryPolicy(max_attempts=5, backoff_s=0.5, backoff_max_s=3)
+    assert [policy.delay_after(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+async def test_transient_failure_goes_to_retry_then_succeeds(store: LocalBlobStore) -> None:
+    job = submit(store, "flaky", png((4, 5)))
+    states, sink, run = DictStore(), ListSink(), FlakyRunner(store, failures=1)
+    policy = RetryPolicy(max_attempts=3, backoff_s=2, backoff_max_s=10)
+
+    before = datetime.now(UTC)
+    [first] = await handle_batch(
+        [delivery(job)], store=states, sink=sink, run_captioning=run, policy=policy
+    )
+    assert first.status is JobStatus.RETRY
+    assert first.attempts == 1
+    assert first.error == "CUDA out of memory"
+    [(retried, not_before)] = sink.of("retry")
+    assert retried.value == delivery(job).value
+    assert before + timedelta(seconds=2) <= not_before <= datetime.now(UTC) + timedelta(seconds=2)
+    assert sink.of("caption") == [], "no result event while the job is being retried"
+
+    # The retry topic hands the same event back; the second attempt succeeds.
+    [second] = await handle_batch(
+        [retried], store=states, sink=sink, run_captioning=run, policy=policy
+    )
+    assert second.status is JobStatus.SUCCESS
+    assert second.attempts == 2
+    assert second.error is None
+    assert [s.status.value for s in sink.of("state")] == ["STARTED", "RETRY", "STARTED", "SUCCESS"]
+    assert sink.of("dead") == []
+
+
+async def test_transient_failures_end_in_failure_and_dead_letter_after_max_attempts(
+    store: LocalBlobStore,
+) -> None:
+    job = submit(store, "doomed", png((4, 5)))
+    states, sink, run = DictStore(), ListSink(), FlakyRunner(store, failures=99)
+    policy = RetryPolicy(max_attempts=3, backoff_s=0, backoff_max_s=0)
+
+    statuses = []
+    for _ in range(3):
+        [state] = await handle_batch(
+            [delivery(job)], store=states, sink=sink, run_captioning=run, policy=policy
+        )
+        statuses.append((state.status, state.attempts))
+
+    assert statuses == [(JobStatus.RETRY, 1), (JobStatus.RETRY, 2), (JobStatus.FAILURE, 3)]
+    final = states.states["doomed"]
+    assert final.error is not None
+    assert "CUDA out of memory" in final.error
+    assert "3 attempts" in final.error
+    [failed] = sink.of("caption")
+    assert isinstance(failed, CaptionFailed)
+    assert failed.event_id == caption_event_id("doomed")
+    [(dead, reason, attempts)] = sink.of("dead")
+    assert dead.value == delivery(job).value
+    assert attempts == 3
+    assert "CUDA out of memory" in reason
+    # A later redelivery of the original event changes nothing.
+    assert await handle_batch([delivery(job)], store=states, sink=sink, run_captioning=run) == []
+
+
+async def test_permanent_failure_is_not_retried(store: LocalBlobStore) -> None:
+    job = missing(store, "gone")
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+
+    [final] = await handle_batch([delivery(job)], store=states, sink=sink, run_captioning=run)
+
+    assert final.status is JobStatus.FAILURE
+    assert final.attempts == 1
+    assert sink.of("retry") == []
+    [(_, reason, attempts)] = sink.of("dead")
+    assert "not in the blob store" in reason
+    assert attempts == 1
+
+
+async def test_malformed_deliveries_are_dead_lettered_verbatim(store: LocalBlobStore) -> None:
+    garbage = [Delivery(b"\x00garbage", key=b"k1"), Delivery(None, key=b"k2"), Delivery(b"{}")]
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+
+    await handle_batch(garbage, store=states, sink=sink, run_captioning=run)
+
+    assert [d for d, _, _ in sink.of("dead")] == garbage
+    assert all("malformed" in reason for _, reason, _ in sink.of("dead"))
