@@ -79,7 +79,7 @@ class TopicSink:
         self,
         topic: faust.TopicT,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: dict[str, bytes] | None = None,
     ) -> None:
         fut = await topic.send(key=key, value=value, headers=headers)
