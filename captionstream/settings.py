@@ -88,6 +88,9 @@ class GatewaySettings(IngestSettings):
 
 
 class ProcessorSettings(CommonSettings):
+    captioner: str = Field(
+        default="blip", description="`blip`, or `package.module:factory` for a plugin."
+    )
     model: str = Field(
         default="Salesforce/blip-image-captioning-base",
         description="Hub id, local directory, or `tiny-blip` (random weights, for tests).",

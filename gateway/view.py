@@ -15,6 +15,7 @@ from collections import defaultdict
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from captionstream.kafka import assign_whole_topic
 from schemas.events import EventDecodeError, JobState, decode_job_state
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,7 @@ class JobStateFollower:
 
     async def start(self, catch_up_timeout_s: float) -> None:
         await self.consumer.start()
-        partitions = self.consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            await self.consumer.force_metadata_update()
-            partitions = self.consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
+        tps = await assign_whole_topic(self.consumer, self.topic)
         ends = await self.consumer.end_offsets(tps)
         self._task = asyncio.create_task(self._run(ends), name="job-state-follower")
         try:

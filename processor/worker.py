@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -11,12 +12,13 @@ from typing import IO
 
 import faust
 
+from captionstream.errors import ConfigurationError
 from captionstream.kafka import ensure_topics
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import allow_pixels
 from processor.app import create_app
-from processor.captioner import BlipCaptioner, GenerationDefaults
+from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +52,35 @@ def configure_torch_threads(requested: int | None) -> None:
     log.info("torch intra-op threads: %d", threads)
 
 
+def load_captioner(settings: ProcessorSettings) -> Captioner:
+    """The captioner named by CAPTIONSTREAM_CAPTIONER: `blip`, or `package.module:factory`
+    for a plugin (a callable taking the settings and returning a `Captioner`)."""
+    if settings.captioner == "blip":
+        return BlipCaptioner.load(
+            settings.model,
+            data_dir=settings.data_dir,
+            device=settings.device,
+            precision=settings.precision,
+            defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
+        )
+    module_name, _, attr = settings.captioner.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"CAPTIONSTREAM_CAPTIONER={settings.captioner!r}: expected 'blip' or "
+            f"'package.module:factory' ({exc})"
+        ) from exc
+    captioner: Captioner = factory(settings)
+    return captioner
+
+
 def run_worker(settings: ProcessorSettings) -> None:
     configure_torch_threads(settings.torch_threads)
     allow_pixels(settings.max_pixels)
     # The model loads before the worker joins the group: a worker never holds partitions
     # it cannot serve, and a bad model setting fails at once.
-    captioner = BlipCaptioner.load(
-        settings.model,
-        data_dir=settings.data_dir,
-        device=settings.device,
-        precision=settings.precision,
-        defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
-    )
+    captioner = load_captioner(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from captionstream.broker import free_port
+from captionstream.kafka import assign_whole_topic
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -63,6 +64,7 @@ class Stack:
     data_dir: Path
     log_dir: Path
     components: list[Component] = field(default_factory=list)
+    spawn_env: dict[str, str] = field(default_factory=dict)  # for every later spawn
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -73,6 +75,7 @@ class Stack:
             "CAPTIONSTREAM_MODEL": "tiny-blip",
             "CAPTIONSTREAM_MAX_BATCH_WAIT_S": "0.05",
             "HF_HUB_OFFLINE": "1",
+            **self.spawn_env,
             **extra,
         }
 
@@ -155,13 +158,7 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[t
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        tps = await assign_whole_topic(consumer, topic)
         ends = await consumer.end_offsets(tps)
         records: list[tuple[bytes, bytes]] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
