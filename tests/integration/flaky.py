@@ -8,7 +8,10 @@ driver hiccup fails: a RuntimeError out of the model call.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from captionstream.settings import ProcessorSettings
@@ -41,3 +44,29 @@ def create(settings: ProcessorSettings) -> FlakyCaptioner:
     return FlakyCaptioner(
         BlipCaptioner.load(settings.model, data_dir=settings.data_dir, device="cpu")
     )
+
+
+class SlowCaptioner:
+    """Tiny BLIP plus a fixed delay per image, so that batches are in flight long enough
+    to kill a worker in the middle of one. While a batch runs, the file
+    `<data_dir>/inflight-<pid>` exists, so a test can kill at exactly that moment."""
+
+    def __init__(self, inner: BlipCaptioner, seconds_per_image: float, marker: Path) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seconds_per_image = seconds_per_image
+        self.marker = marker
+
+    def caption(self, images: Sequence[Any], options: Sequence[GenerationOptions]) -> list[str]:
+        self.marker.touch()
+        try:
+            time.sleep(self.seconds_per_image * len(images))
+            return self.inner.caption(images, options)
+        finally:
+            self.marker.unlink(missing_ok=True)
+
+
+def create_slow(settings: ProcessorSettings) -> SlowCaptioner:
+    inner = BlipCaptioner.load(settings.model, data_dir=settings.data_dir, device="cpu")
+    delay = float(os.environ.get("CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE", "0.02"))
+    return SlowCaptioner(inner, delay, settings.data_dir / f"inflight-{os.getpid()}")

@@ -1,0 +1,123 @@
+"""Two workers in one consumer group; one is SIGKILLed in the middle of the work.
+
+Every accepted job must still end SUCCESS, exactly one caption per job must be visible
+(duplicates on the captions topic are allowed, but they must agree and share an event
+id), and the survivor must have taken over the dead worker's partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import defaultdict
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from captionstream.broker import EmbeddedBroker, free_port
+from schemas.events import (
+    CaptionProduced,
+    JobStatus,
+    caption_event_id,
+    decode_caption_event,
+    decode_job_state,
+)
+from schemas.topics import TOPICS
+from tests.conftest import make_png
+from tests.integration.stack import Gateway, Stack, read_topic, wait_until
+
+JOBS = 240
+
+
+@pytest.fixture
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("scale")
+    (root / "logs").mkdir()
+    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
+        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
+        stack.spawn_env.update(
+            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
+            CAPTIONSTREAM_MAX_BATCH_SIZE="8",
+        )
+        try:
+            yield stack
+        finally:
+            stack.stop_all()
+
+
+async def submit_all(gateway: Gateway, count: int) -> list[str]:
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=30) as client:
+
+        async def one(i: int) -> str:
+            image = make_png(16 + i % 50, 16 + i // 50, color=(i % 256, 7, 9))
+            response = await client.post("/api/v1/upload", files={"file": (f"{i}.png", image)})
+            assert response.status_code == 202, response.text
+            return str(response.json()["job_id"])
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def statuses(gateway: Gateway, job_ids: list[str]) -> dict[str, dict[str, object]]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
+    return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
+
+
+async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> None:
+    stack = two_workers
+    doomed = stack.start_worker()
+    survivor = stack.start_worker()
+    gateway = stack.start_gateway()
+    # Both workers own partitions before the load starts.
+    wait_until(
+        lambda: (
+            "Setting newly assigned partitions" in survivor.log()
+            and doomed.log().count("Setting newly assigned partitions") >= 2
+        ),
+        30,
+        "the group to rebalance over both workers",
+    )
+
+    job_ids = await submit_all(gateway, JOBS)
+
+    def finished() -> int:
+        views = asyncio.run(statuses(gateway, job_ids))
+        return sum(v["status"] in ("SUCCESS", "FAILURE") for v in views.values())
+
+    # Kill one worker in the middle of a batch, once some results are out.
+    await asyncio.to_thread(wait_until, lambda: finished() >= 16, 60, "the first results")
+    inflight = stack.data_dir / f"inflight-{doomed.proc.pid}"
+    await asyncio.to_thread(wait_until, inflight.exists, 30, "the doomed worker mid-batch")
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait()
+    done_at_kill = await asyncio.to_thread(finished)
+    assert done_at_kill < JOBS, "the kill must land while jobs are still in flight"
+
+    await asyncio.to_thread(wait_until, lambda: finished() == JOBS, 180, "every job to finish")
+    views = await statuses(gateway, job_ids)
+    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    assert survivor.alive()
+
+    captions: dict[str, set[str]] = defaultdict(set)
+    event_ids: dict[str, set[str]] = defaultdict(set)
+    for key, value in await read_topic(stack.bootstrap, TOPICS.captions.name):
+        event = decode_caption_event(value)
+        assert isinstance(event, CaptionProduced)
+        captions[key.decode()].add(event.caption)
+        event_ids[key.decode()].add(event.event_id)
+    assert set(captions) >= set(job_ids), "a caption event for every job"
+    for job_id in job_ids:
+        assert len(captions[job_id]) == 1, f"job {job_id} got different captions"
+        assert event_ids[job_id] == {caption_event_id(job_id)}
+        result = views[job_id]["result"]
+        assert isinstance(result, dict)
+        assert result["caption"] in captions[job_id]
+    # The batch the dead worker had started was redone by the survivor.
+    started: dict[str, int] = defaultdict(int)
+    for key, value in await read_topic(stack.bootstrap, TOPICS.job_state.name):
+        if decode_job_state(value).status is JobStatus.STARTED:
+            started[key.decode()] += 1
+    assert any(count >= 2 for count in started.values()), "some job was started twice"
