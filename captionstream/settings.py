@@ -85,6 +85,9 @@ class GatewaySettings(IngestSettings):
     view_catch_up_timeout_s: float = Field(
         default=30.0, description="How long startup waits to rebuild the job view."
     )
+    readiness_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long /readyz waits for the broker to answer."
+    )
 
 
 class ProcessorSettings(CommonSettings):

@@ -14,6 +14,7 @@ from captionstream.errors import CaptionstreamError
 from captionstream.kafka import ensure_topics, tuning_for
 from captionstream.settings import GatewaySettings
 from gateway.publisher import KafkaJobPublisher
+from gateway.readiness import Readiness
 from gateway.routes import health, jobs
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
@@ -42,6 +43,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.view = view
             app.state.follower = follower
             app.state.publisher = KafkaJobPublisher(producer)
+            app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
             app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
             yield

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request, WebSocket
 
 from gateway.publisher import KafkaJobPublisher
+from gateway.readiness import Readiness
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import ImageLimits
@@ -36,9 +37,14 @@ def _follower(request: Request) -> JobStateFollower:
     return request.app.state.follower  # type: ignore[no-any-return]
 
 
+def _readiness(request: Request) -> Readiness:
+    return request.app.state.readiness  # type: ignore[no-any-return]
+
+
 ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
 BlobsDep = Annotated[LocalBlobStore, Depends(_blobs)]
 LimitsDep = Annotated[ImageLimits, Depends(_limits)]
 FollowerDep = Annotated[JobStateFollower, Depends(_follower)]
+ReadinessDep = Annotated[Readiness, Depends(_readiness)]

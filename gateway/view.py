@@ -93,6 +93,11 @@ class JobStateFollower:
             log.warning("job view not caught up after %.0fs; serving anyway", catch_up_timeout_s)
         log.info("job view holds %d jobs", len(self.view))
 
+    @property
+    def running(self) -> bool:
+        """Whether the follow loop is alive (it retries Kafka errors; anything else ends it)."""
+        return self._task is not None and not self._task.done()
+
     async def _run(self, ends: dict[TopicPartition, int]) -> None:
         pending = {tp: end for tp, end in ends.items() if end > 0}
         if not pending:

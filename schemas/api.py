@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,3 +46,15 @@ class JobStatusResponse(BaseModel):
             result=JobResult(caption=state.caption) if state.caption is not None else None,
             error=state.error,
         )
+
+
+class ReadinessResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str] = Field(
+        examples=[{"broker": "ok (1 broker(s))", "job_view": "ok (42 jobs)"}]
+    )
+
+
+class NotReadyResponse(BaseModel):
+    detail: str = Field(examples=["not ready: broker: Kafka unreachable"])
+    checks: dict[str, str]
