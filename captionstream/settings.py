@@ -92,7 +92,8 @@ class GatewaySettings(IngestSettings):
 
 class ProcessorSettings(CommonSettings):
     captioner: str = Field(
-        default="blip", description="`blip`, or `package.module:factory` for a plugin."
+        default="blip",
+        description="`blip`, `hf-image-to-text`, or `package.module:factory` for a plugin.",
     )
     model: str = Field(
         default="Salesforce/blip-image-captioning-base",

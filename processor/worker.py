@@ -19,6 +19,7 @@ from ingest.blobstore import LocalBlobStore
 from ingest.validation import allow_pixels
 from processor.app import create_app
 from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
+from processor.hf_captioner import HFImageToTextCaptioner
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def configure_torch_threads(requested: int | None) -> None:
 
 
 def load_captioner(settings: ProcessorSettings) -> Captioner:
-    """The captioner named by CAPTIONSTREAM_CAPTIONER: `blip`, or `package.module:factory`
-    for a plugin (a callable taking the settings and returning a `Captioner`)."""
+    """The captioner named by CAPTIONSTREAM_CAPTIONER: `blip`, `hf-image-to-text` (any
+    model `AutoModelForImageTextToText` loads), or `package.module:factory` for a plugin
+    (a callable taking the settings and returning a `Captioner`)."""
     if settings.captioner == "blip":
         return BlipCaptioner.load(
             settings.model,
@@ -63,13 +65,20 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
             precision=settings.precision,
             defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
         )
+    if settings.captioner == "hf-image-to-text":
+        return HFImageToTextCaptioner.load(
+            settings.model,
+            data_dir=settings.data_dir,
+            device=settings.device,
+            defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
+        )
     module_name, _, attr = settings.captioner.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigurationError(
-            f"CAPTIONSTREAM_CAPTIONER={settings.captioner!r}: expected 'blip' or "
-            f"'package.module:factory' ({exc})"
+            f"CAPTIONSTREAM_CAPTIONER={settings.captioner!r}: expected 'blip', "
+            f"'hf-image-to-text' or 'package.module:factory' ({exc})"
         ) from exc
     captioner: Captioner = factory(settings)
     return captioner

@@ -1,0 +1,141 @@
+"""A captioner for any HF image-to-text model that `AutoModelForImageTextToText` loads:
+vision-encoder-decoder (e.g. ViT-GPT2), GIT, BLIP and friends.
+
+Chosen with CAPTIONSTREAM_CAPTIONER=hf-image-to-text; CAPTIONSTREAM_MODEL names the hub
+id or directory as for BLIP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captionstream.errors import ModelLoadError
+from processor.captioner import GenerationDefaults, select_device
+from schemas.events import GenerationOptions
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+GenerationKey = tuple[int, int, str | None]
+
+
+def caption_in_groups(
+    images: Sequence[Image],
+    options: Sequence[GenerationOptions],
+    defaults: GenerationDefaults,
+    generate: Callable[[list[Image], GenerationKey], list[str]],
+) -> list[str]:
+    """Run `generate` once per distinct (max_new_tokens, num_beams, prompt) and put the
+    captions back in input order: one caption per image, whatever the mix of options."""
+    if len(images) != len(options):
+        raise ValueError("one GenerationOptions per image")
+    groups: dict[GenerationKey, list[int]] = {}
+    for i, opt in enumerate(options):
+        key = (
+            opt.max_new_tokens or defaults.max_new_tokens,
+            opt.num_beams or defaults.num_beams,
+            opt.prompt,
+        )
+        groups.setdefault(key, []).append(i)
+    captions = [""] * len(images)
+    for key, indices in groups.items():
+        texts = generate([images[i] for i in indices], key)
+        for i, text in zip(indices, texts, strict=True):
+            captions[i] = text
+    return captions
+
+
+def load_image_processor(model: str) -> Any:
+    """The model's image processor, by the class its config names.
+
+    `AutoImageProcessor` insists on torchvision in transformers 5, while the concrete
+    classes fall back to their Pillow implementation: so resolve the class ourselves.
+    """
+    import transformers
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    config, _ = ImageProcessingMixin.get_image_processor_dict(model)
+    cls = getattr(transformers, config["image_processor_type"])
+    return cls.from_pretrained(model)
+
+
+class HFImageToTextCaptioner:
+    def __init__(
+        self,
+        model: Any,
+        image_processor: Any,
+        tokenizer: Any,
+        device: str,
+        name: str,
+        defaults: GenerationDefaults,
+    ) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.device = device
+        self.name = name
+        self.defaults = defaults
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        data_dir: Path,
+        device: str = "auto",
+        defaults: GenerationDefaults | None = None,
+    ) -> HFImageToTextCaptioner:
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        device = select_device(device)
+        try:
+            net: Any = AutoModelForImageTextToText.from_pretrained(model)
+            image_processor = load_image_processor(model)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError, AttributeError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            raise ModelLoadError(
+                f"cannot load image-to-text model {model!r}"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}. "
+                "Set CAPTIONSTREAM_MODEL to a local directory holding a saved model."
+            ) from exc
+        net.to(device).eval()
+        log.info("loaded image-to-text model %s (%s) on %s", model, net.config.model_type, device)
+        return cls(net, image_processor, tokenizer, device, model, defaults or GenerationDefaults())
+
+    def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
+        return caption_in_groups(images, options, self.defaults, self._generate)
+
+    def _generate(self, images: list[Image], key: GenerationKey) -> list[str]:
+        import torch
+
+        max_new_tokens, num_beams, prompt = key
+        pixel_values = self.image_processor(images=images, return_tensors="pt").pixel_values
+        pixel_values = pixel_values.to(self.device, dtype=self.model.dtype)
+        kwargs: dict[str, Any] = {}
+        if prompt:
+            ids = self.tokenizer(
+                [prompt] * len(images), add_special_tokens=False, return_tensors="pt"
+            ).input_ids.to(self.device)
+            if self.encoder_decoder:
+                start = torch.full(
+                    (len(images), 1), self.model.config.decoder_start_token_id, device=self.device
+                )
+                kwargs["decoder_input_ids"] = torch.cat([start, ids], dim=1)
+            else:
+                kwargs["input_ids"] = ids
+        with torch.inference_mode():
+            out = self.model.generate(
+                pixel_values=pixel_values,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                **kwargs,
+            )
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
