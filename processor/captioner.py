@@ -99,6 +99,13 @@ class BlipCaptioner:
                 f"or to {TINY_BLIP!r} for a tiny random test model."
             ) from exc
         net.to(device).eval()
+        # BLIP's generate() runs its text decoder, whose generation config is built from
+        # the text config and ignores the model's saved generation_config.json: hand that
+        # over, so what the model ships with (e.g. min_new_tokens) applies. Our explicit
+        # max_new_tokens / num_beams still override it per call.
+        decoder = getattr(net, "text_decoder", None)
+        if decoder is not None:
+            decoder.generation_config = net.generation_config
         log.info(
             "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s)",
             model,
