@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit lint format schemas clean
+.PHONY: install run test test-unit lint format schemas bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ format: install
 
 schemas: install
 	$(BIN)/python -m schemas.jsonschema
+
+# A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine
+# (~10 min on 2 CPU cores), printed and written to bench/RESULTS.md. BENCH_ARGS="--quick"
+# for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,266 @@
+"""`make bench` / `python -m bench`: bare-model and whole-pipeline captioning speed.
+
+1. Builds (once) the full-size BLIP-base architecture with random weights, fixed to
+   generate exactly `--new-tokens` tokens, and saves it like a real model.
+2. Bare model: images/s of `BlipCaptioner.caption` in this process at each batch size,
+   in fp32 (the reference service's precision) and the reduced precision `auto` picks
+   here (bf16 on CPUs with native bf16, fp16 on CUDA).
+3. Pipeline: broker + worker + gateway processes, with the worker at the best bare
+   precision and batch size; images uploaded over HTTP by a closed loop of clients,
+   latency taken from each job's caption event.
+4. Prints the report and writes it to bench/RESULTS.md.
+
+Counts are small so a full run stays within ~15 minutes on 2 CPU cores; raise them
+with the flags (`make bench BENCH_ARGS="--batches 4 --images 96"`), or use `--quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import bare, pipeline
+from bench.images import decode, synthetic_jpegs
+from bench.model import NEW_TOKENS, build_bench_blip
+from bench.stats import BarePoint, PipelineRun, Report, best_point
+from bench.system import machine_description
+
+ROOT = Path(__file__).resolve().parent
+DISTURBED_CORES = 0.25  # other processes using more than this: say so in the report
+
+_started = time.monotonic()
+
+
+def progress(message: str) -> None:
+    elapsed = time.monotonic() - _started
+    print(
+        f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {message}", file=sys.stderr, flush=True
+    )
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,8: {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch sizes 1,8; 1 timed batch each; pipeline 2 batches (a smoke run, minutes)",
+    )
+    p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,4,8,16")
+    p.add_argument("--batches", type=int, default=None, help="timed batches per point (2)")
+    p.add_argument("--warmup-batches", type=int, default=1, help="per batch size (1)")
+    p.add_argument(
+        "--precisions",
+        type=_names,
+        default=["fp32", "auto"],
+        help="bare precisions, `auto` resolved for the device (fp32,auto)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact caption length (20)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="pipeline: timed images (default 6 x batch size; --quick 2 x)",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        default=None,
+        help="pipeline: concurrent clients, each with one job in flight "
+        "(default 2 x batch size: one batch computes while the next fills)",
+    )
+    p.add_argument(
+        "--pipeline-batch-size",
+        type=int,
+        default=None,
+        help="CAPTIONSTREAM_MAX_BATCH_SIZE (default: the best bare batch size)",
+    )
+    p.add_argument(
+        "--pipeline-precision", default=None, help="default: the precision of the best bare point"
+    )
+    p.add_argument(
+        "--max-batch-wait-s",
+        type=float,
+        default=None,
+        help="CAPTIONSTREAM_MAX_BATCH_WAIT_S (default: 5%% of the best bare "
+        "batch time, between 0.01 and 0.25 s)",
+    )
+    p.add_argument("--no-bare", action="store_true", help="skip the bare-model points")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline run")
+    p.add_argument(
+        "--output",
+        default=str(ROOT / "RESULTS.md"),
+        help="where to write the report; '-' for nowhere (bench/RESULTS.md)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="model and run files (default $CAPTIONSTREAM_DATA_DIR/bench, else bench/.cache)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the pipeline run dir and logs")
+    p.add_argument("--note", action="append", default=[], help="add a note to the report")
+    return p
+
+
+def default_batch_wait(best: BarePoint | None) -> float:
+    """Long enough for a batch to fill under load, short next to the batch's own time."""
+    if best is None:
+        return 0.05
+    per_batch = best.seconds / len(best.batch_seconds)
+    return round(min(0.25, max(0.01, 0.05 * per_batch)), 3)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    import torch
+
+    from processor.captioner import select_device
+    from processor.precision import cpu_has_native_bf16, resolve_precision
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if threads:
+        torch.set_num_threads(threads)  # what the worker does (processor.worker)
+    device = select_device(args.device)
+    cpu_bf16 = device.startswith("cpu") and cpu_has_native_bf16()
+
+    def resolved(setting: str) -> str:
+        return resolve_precision(setting, device, cpu_has_bf16=cpu_bf16).value
+
+    precisions = list(dict.fromkeys(resolved(p) for p in args.precisions))
+    batch_sizes = args.batch_sizes or ([1, 8] if args.quick else [1, 4, 8, 16])
+    batches = args.batches or (1 if args.quick else 2)
+    data_dir = os.environ.get("CAPTIONSTREAM_DATA_DIR")
+    cache = args.cache_dir or (Path(data_dir) / "bench" if data_dir else ROOT / ".cache")
+    cache.mkdir(parents=True, exist_ok=True)
+
+    machine = machine_description(device)
+    progress("machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()))
+    model_dir = cache / "models" / f"blip-base-random-{args.new_tokens}tok"
+    progress(f"model: {model_dir} (building it if missing)")
+    build_bench_blip(model_dir, new_tokens=args.new_tokens)
+
+    jpegs = synthetic_jpegs(max(batch_sizes) + 8, seed=1)
+    points: list[BarePoint] = []
+    if not args.no_bare:
+        images = [decode(j) for j in jpegs]
+        per_precision = sum(b * (batches + args.warmup_batches) for b in batch_sizes)
+        progress(
+            f"bare: {precisions} x batch sizes {batch_sizes}: {args.warmup_batches} warm-up + "
+            f"{batches} timed batches each ({per_precision} images per precision)"
+        )
+        for precision in precisions:
+            points += bare.measure(
+                model_dir,
+                precision=precision,
+                device=device,
+                batch_sizes=batch_sizes,
+                batches=batches,
+                warmup_batches=args.warmup_batches,
+                images=images,
+                new_tokens=args.new_tokens,
+                progress=progress,
+            )
+
+    run: PipelineRun | None = None
+    notes: list[str] = [
+        "Model: the full-size BLIP-base architecture (`BlipConfig()` defaults, 224M "
+        "parameters, 384x384 input) with random weights, saved with `save_pretrained` and "
+        "loaded through the worker's own `from_pretrained` path; its generation config makes "
+        f"every caption exactly {args.new_tokens} tokens. Speed does not depend on the "
+        "weights' values. Images: synthetic 640x480 JPEGs.",
+        "Bare: `BlipCaptioner.caption` in one process (preprocessing + generate + decode), "
+        "one warm-up batch per batch size, then the timed batches.",
+    ]
+    best = best_point(points) if points else None
+    if not args.no_pipeline:
+        size = args.pipeline_batch_size or (best.batch_size if best else 8)
+        precision = args.pipeline_precision or (best.precision if best else resolved("auto"))
+        precision = resolved(precision)
+        wait = (
+            args.max_batch_wait_s
+            if args.max_batch_wait_s is not None
+            else (default_batch_wait(best))
+        )
+        count = args.images or (2 if args.quick else 6) * size
+        in_flight = args.in_flight or 2 * size
+        warmup = synthetic_jpegs(in_flight, seed=2)  # the same load, untimed
+        timed = synthetic_jpegs(count, seed=3)
+        progress(
+            f"pipeline: {precision}, max batch {size}, batch wait {wait} s, {in_flight} in "
+            f"flight, {len(warmup)} warm-up + {count} timed images"
+        )
+        run, loaded = pipeline.measure(
+            model_dir=model_dir,
+            cache_dir=cache,
+            precision=precision,
+            device=device,
+            max_batch_size=size,
+            max_batch_wait_s=wait,
+            in_flight=in_flight,
+            warmup=warmup,
+            timed=timed,
+            new_tokens=args.new_tokens,
+            keep=args.keep,
+            progress=progress,
+        )
+        progress(f"pipeline: {run.images_per_s:.2f} images/s")
+        notes.append(
+            "Pipeline: embedded broker (Tansu), one `python -m captionstream worker` and one "
+            "gateway, all on this machine; a closed loop of async HTTP clients, each "
+            "uploading an image and waiting for its caption event on "
+            "`captionstream.captions.v1` before the next; images/s = timed images / wall "
+            "time from the first upload to the last caption event. "
+            f"Worker log: `{loaded.split(' ', 3)[-1] if loaded else 'n/a'}`"
+        )
+    disturbed = [
+        f"{p.precision} batch {p.batch_size} ({p.other_cores:.2f} cores)"
+        for p in points
+        if p.other_cores is not None and p.other_cores > DISTURBED_CORES
+    ]
+    if run is not None and run.other_cores is not None and run.other_cores > DISTURBED_CORES:
+        disturbed.append(f"the pipeline run ({run.other_cores:.2f} cores)")
+    if disturbed:
+        notes.append(
+            "**Disturbed**: other processes were using CPU during "
+            + ", ".join(disturbed)
+            + "; those numbers are lower than on an idle machine."
+        )
+    notes.extend(args.note)
+
+    settings = {
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "new tokens per caption": str(args.new_tokens),
+        "torch threads": str(torch.get_num_threads()),
+        "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
+    }
+    report = Report("captionstream benchmark", machine, settings, points, run, notes)
+    text = report.markdown()
+    print(text)
+    if args.output != "-":
+        Path(args.output).write_text(text)
+        progress(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

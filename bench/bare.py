@@ -1,0 +1,101 @@
+"""Bare-model throughput: `BlipCaptioner.caption` in this process, no Kafka, no HTTP.
+
+The same captioner class, loading path and preprocessing as the worker; only the
+stream around it is missing. One warm-up batch per batch size (first calls pay for
+kernel selection and allocation), then timed batches.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.stats import BarePoint
+from bench.system import CpuMeter
+from processor.captioner import BlipCaptioner, GenerationDefaults
+from schemas.events import GenerationOptions
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+Progress = Callable[[str], None]
+
+
+def check_generated_length(captioner: BlipCaptioner, image: Image, new_tokens: int) -> None:
+    """Fail loudly unless the model generates exactly `new_tokens` tokens per image."""
+    import torch
+
+    configured = captioner.model.text_decoder.generation_config.min_new_tokens
+    if configured != new_tokens:
+        raise RuntimeError(f"the model's min_new_tokens is {configured}, not {new_tokens}")
+    inputs = captioner.processor(images=[image], return_tensors="pt").to(captioner.device)
+    pixels = inputs["pixel_values"].to(captioner.model.dtype)
+    with torch.inference_mode():
+        ids = captioner.model.generate(pixel_values=pixels, max_new_tokens=new_tokens)
+    generated = ids.shape[1] - 1  # BLIP returns the [DEC] start token too
+    if generated != new_tokens:
+        raise RuntimeError(f"the model generated {generated} tokens, not {new_tokens}")
+
+
+def measure(
+    model_dir: Path,
+    *,
+    precision: str,
+    device: str,
+    batch_sizes: Sequence[int],
+    batches: int,
+    warmup_batches: int,
+    images: Sequence[Image],
+    new_tokens: int,
+    progress: Progress,
+) -> list[BarePoint]:
+    captioner = BlipCaptioner.load(
+        str(model_dir),
+        data_dir=model_dir.parent,
+        device=device,
+        precision=precision,
+        defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
+    )
+    check_generated_length(captioner, images[0], new_tokens)
+    pool = itertools.cycle(images)
+    points: list[BarePoint] = []
+    for size in batch_sizes:
+        options = [GenerationOptions()] * size
+        for i in range(warmup_batches):
+            t0 = time.perf_counter()
+            captioner.caption([next(pool) for _ in range(size)], options)
+            progress(
+                f"bare {precision} batch {size}: warm-up {i + 1}/{warmup_batches} "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
+        times: list[float] = []
+        meter = CpuMeter()
+        meter.start()
+        for i in range(batches):
+            batch = [next(pool) for _ in range(size)]
+            t0 = time.perf_counter()
+            captions = captioner.caption(batch, options)
+            times.append(time.perf_counter() - t0)
+            assert len(captions) == size
+            progress(
+                f"bare {precision} batch {size}: batch {i + 1}/{batches} {times[-1]:.1f} s "
+                f"({size / times[-1]:.2f} images/s)"
+            )
+        point = BarePoint(precision, size, tuple(times), other_cores=meter.stop())
+        progress(f"bare {precision} batch {size}: {point.images_per_s:.2f} images/s")
+        points.append(point)
+    del captioner
+    gc.collect()
+    _free_accelerator_memory()
+    return points
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,350 @@
+"""The whole pipeline: HTTP upload -> gateway -> Kafka -> worker -> caption event.
+
+Starts the embedded broker, one `python -m captionstream worker` and one gateway as
+separate processes (as `make run` does), then drives them with a closed loop of
+`in_flight` async clients: each uploads an image, waits for its `caption.produced` event
+on the public captions topic, and uploads the next. A job's end-to-end latency is
+`produced_at - submitted_at` from its event; the client-side view (upload sent ..
+event received) is recorded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench.stats import PipelineRun, group_batches
+from bench.system import CpuMeter
+from captionstream.broker import EmbeddedBroker, free_port
+from schemas.events import CaptionFailed, CaptionProduced, decode_caption_event
+from schemas.topics import TOPICS
+
+Progress = Callable[[str], None]
+
+WORKER_READY = "[^Worker]: Ready"
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@dataclass
+class Stack:
+    broker: EmbeddedBroker
+    worker: Process
+    gateway: Process
+    gateway_url: str
+    run_dir: Path
+
+    @property
+    def pids(self) -> list[int]:
+        pids = [self.worker.popen.pid, self.gateway.popen.pid]
+        if self.broker._proc is not None:
+            pids.append(self.broker._proc.pid)
+        return pids
+
+
+def _wait_until(
+    what: str, done: Callable[[], bool], alive: Callable[[], bool], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if not alive():
+            raise RuntimeError(f"{what}: the process exited")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def running_stack(
+    *,
+    model_dir: Path,
+    cache_dir: Path,
+    precision: str,
+    device: str,
+    max_batch_size: int,
+    max_batch_wait_s: float,
+    new_tokens: int,
+    keep: bool,
+    progress: Progress,
+) -> Iterator[Stack]:
+    run_dir = Path(tempfile.mkdtemp(prefix="pipeline-", dir=cache_dir))
+    broker = EmbeddedBroker(port=free_port(), log_file=run_dir / "broker.log")
+    env = {
+        **os.environ,
+        "CAPTIONSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "CAPTIONSTREAM_KAFKA_PROFILE": "embedded",
+        "CAPTIONSTREAM_DATA_DIR": str(run_dir / "data"),
+        "CAPTIONSTREAM_MODEL": str(model_dir),
+        "CAPTIONSTREAM_DEVICE": device,
+        "CAPTIONSTREAM_PRECISION": precision,
+        "CAPTIONSTREAM_MAX_BATCH_SIZE": str(max_batch_size),
+        "CAPTIONSTREAM_MAX_BATCH_WAIT_S": str(max_batch_wait_s),
+        "CAPTIONSTREAM_MAX_NEW_TOKENS": str(new_tokens),
+        "HF_HUB_OFFLINE": "1",
+    }
+    processes: list[Process] = []
+
+    def spawn(part: str, **extra: str) -> Process:
+        log_path = run_dir / f"{part}.log"
+        with open(log_path, "wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "captionstream", part],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**env, **extra},
+            )
+        process = Process(part, popen, log_path)
+        processes.append(process)
+        return process
+
+    ok = False
+    try:
+        broker.start()
+        progress(f"pipeline: broker on {broker.bootstrap}; starting worker and gateway")
+        worker = spawn("worker")
+        port = free_port()
+        gateway = spawn("gateway", CAPTIONSTREAM_HOST="127.0.0.1", CAPTIONSTREAM_PORT=str(port))
+        url = f"http://127.0.0.1:{port}"
+        _wait_until("worker", lambda: WORKER_READY in worker.log(), worker.alive, 600)
+        _wait_until("gateway", lambda: _healthy(url), gateway.alive, 120)
+        progress("pipeline: worker and gateway ready")
+        yield Stack(broker, worker, gateway, url, run_dir)
+        ok = True
+    except BaseException:
+        for process in processes:
+            progress(f"--- last lines of the {process.name} log ({process.log_path}) ---")
+            progress("\n".join(process.log().splitlines()[-30:]))
+        raise
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        broker.stop()
+        if ok and not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    event: CaptionProduced | CaptionFailed
+    client_latency_s: float
+
+    @property
+    def latency_s(self) -> float:
+        end = self.event.produced_at if isinstance(self.event, CaptionProduced) else None
+        if end is None:
+            assert isinstance(self.event, CaptionFailed)
+            end = self.event.failed_at
+        return (end - self.event.submitted_at).total_seconds()
+
+
+class CaptionWaiter:
+    """Reads the public captions topic and hands each job's event to whoever waits for it."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._seen: dict[str, asyncio.Future[tuple[CaptionProduced | CaptionFailed, float]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def _future(self, job_id: str) -> asyncio.Future[tuple[CaptionProduced | CaptionFailed, float]]:
+        if job_id not in self._seen:
+            self._seen[job_id] = asyncio.get_running_loop().create_future()
+        return self._seen[job_id]
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        topic = TOPICS.captions.name
+        partitions = self.consumer.partitions_for_topic(topic)
+        if not partitions:
+            await self.consumer.force_metadata_update()
+            partitions = self.consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist")
+        tps = [TopicPartition(topic, p) for p in partitions]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=100)
+            received = time.monotonic()
+            for records in batches.values():
+                for record in records:
+                    event = decode_caption_event(record.value)
+                    future = self._future(event.job_id)
+                    if not future.done():
+                        future.set_result((event, received))
+
+    async def wait(
+        self, job_id: str, timeout_s: float
+    ) -> tuple[CaptionProduced | CaptionFailed, float]:
+        if self._task is not None and self._task.done():
+            self._task.result()  # the reader crashed: raise its exception here
+        return await asyncio.wait_for(asyncio.shield(self._future(job_id)), timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.consumer.stop()
+
+
+async def closed_loop(
+    http: httpx.AsyncClient,
+    waiter: CaptionWaiter,
+    jpegs: Sequence[bytes],
+    in_flight: int,
+    job_timeout_s: float,
+    on_done: Callable[[JobResult], None],
+) -> list[JobResult]:
+    todo = iter(enumerate(jpegs))  # shared: each client takes the next image
+    results: list[JobResult] = []
+
+    async def client() -> None:
+        for i, data in todo:
+            sent = time.monotonic()
+            response = await http.post(
+                "/api/v1/upload", files={"file": (f"bench-{i}.jpg", data, "image/jpeg")}
+            )
+            if response.status_code != 202:
+                raise RuntimeError(f"upload answered {response.status_code}: {response.text}")
+            job_id = response.json()["job_id"]
+            event, received = await waiter.wait(job_id, job_timeout_s)
+            result = JobResult(event, received - sent)
+            results.append(result)
+            on_done(result)
+
+    await asyncio.gather(*(client() for _ in range(min(in_flight, len(jpegs)))))
+    return results
+
+
+async def _drive(
+    stack: Stack,
+    warmup: Sequence[bytes],
+    timed: Sequence[bytes],
+    in_flight: int,
+    progress: Progress,
+) -> tuple[float, list[JobResult], float | None]:
+    waiter = CaptionWaiter(stack.broker.bootstrap)
+    await waiter.start()
+    try:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as http:
+            if warmup:
+                t0 = time.monotonic()
+                await closed_loop(http, waiter, warmup, len(warmup), 600, lambda r: None)
+                progress(f"pipeline: warm-up {len(warmup)} images {time.monotonic() - t0:.1f} s")
+            done = 0
+            start = time.monotonic()
+
+            def on_done(result: JobResult) -> None:
+                nonlocal done
+                done += 1
+
+            async def report() -> None:
+                while True:
+                    await asyncio.sleep(5)
+                    elapsed = time.monotonic() - start
+                    progress(
+                        f"pipeline: {done}/{len(timed)} captions in {elapsed:.0f} s "
+                        f"({done / elapsed:.2f} images/s)"
+                    )
+
+            meter = CpuMeter(stack.pids)
+            meter.start()
+            reporter = asyncio.create_task(report())
+            try:
+                results = await closed_loop(http, waiter, timed, in_flight, 600, on_done)
+            finally:
+                reporter.cancel()
+            wall = time.monotonic() - start
+            return wall, results, meter.stop()
+    finally:
+        await waiter.stop()
+
+
+def measure(
+    *,
+    model_dir: Path,
+    cache_dir: Path,
+    precision: str,
+    device: str,
+    max_batch_size: int,
+    max_batch_wait_s: float,
+    in_flight: int,
+    warmup: Sequence[bytes],
+    timed: Sequence[bytes],
+    new_tokens: int,
+    keep: bool,
+    progress: Progress,
+) -> tuple[PipelineRun, str]:
+    """Run the stack and the load; returns the result and the worker's model log line."""
+    with running_stack(
+        model_dir=model_dir,
+        cache_dir=cache_dir,
+        precision=precision,
+        device=device,
+        max_batch_size=max_batch_size,
+        max_batch_wait_s=max_batch_wait_s,
+        new_tokens=new_tokens,
+        keep=keep,
+        progress=progress,
+    ) as stack:
+        wall, results, other = asyncio.run(_drive(stack, warmup, timed, in_flight, progress))
+        loaded = next(
+            (line for line in stack.worker.log().splitlines() if "loaded model" in line), ""
+        )
+    produced = [r for r in results if isinstance(r.event, CaptionProduced)]
+    events = [r.event for r in produced if isinstance(r.event, CaptionProduced)]
+    run = PipelineRun(
+        precision=precision,
+        max_batch_size=max_batch_size,
+        max_batch_wait_s=max_batch_wait_s,
+        in_flight=in_flight,
+        images=len(results),
+        wall_s=wall,
+        latencies_s=tuple(r.latency_s for r in produced),
+        client_latencies_s=tuple(r.client_latency_s for r in produced),
+        failed=len(results) - len(produced),
+        other_cores=other,
+        batches=tuple(group_batches([e.produced_at.timestamp() for e in events])),
+    )
+    return run, loaded

@@ -1,0 +1,313 @@
+"""Pure helpers of the benchmark: percentiles, results, ratios and the Markdown report.
+
+Nothing here touches torch, Kafka or the clock, so it is unit-tested (tests/unit/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+REFERENCE_PRECISION = "fp32"  # the reference service: fp32, one image at a time
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks.
+
+    Same definition as numpy's default (`method="linear"`).
+    """
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def group_batches(times: Sequence[float], gap_s: float = 0.02) -> list[tuple[int, float]]:
+    """Recover the worker's batches from its events' `produced_at` times (seconds).
+
+    The worker stamps a batch's events in one loop right after inference, so events
+    closer than `gap_s` belong to one batch. Returns (size, time of its first event)
+    per batch, in time order.
+    """
+    batches: list[tuple[int, float]] = []
+    last = None
+    for t in sorted(times):
+        if last is not None and t - last <= gap_s:
+            size, first = batches[-1]
+            batches[-1] = (size + 1, first)
+        else:
+            batches.append((1, t))
+        last = t
+    return batches
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    count: int
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> LatencySummary:
+        return cls(
+            count=len(values),
+            mean=sum(values) / len(values),
+            p50=percentile(values, 50),
+            p95=percentile(values, 95),
+            p99=percentile(values, 99),
+            max=max(values),
+        )
+
+
+@dataclass(frozen=True)
+class BarePoint:
+    """Captioning in-process (no Kafka, no HTTP): one precision and batch size."""
+
+    precision: str
+    batch_size: int
+    batch_seconds: tuple[float, ...]  # wall time of each timed batch
+    other_cores: float | None = None  # CPU used meanwhile by processes not ours, in cores
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * len(self.batch_seconds)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.batch_seconds)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """HTTP upload to caption event, through broker, worker and gateway processes."""
+
+    precision: str
+    max_batch_size: int
+    max_batch_wait_s: float
+    in_flight: int  # closed loop: each client waits for its caption before the next upload
+    images: int
+    wall_s: float  # first upload sent .. last caption event received, as the client saw it
+    latencies_s: tuple[float, ...]  # per job: event submitted_at .. event produced_at
+    client_latencies_s: tuple[float, ...]  # per job: upload sent .. caption event received
+    failed: int = 0
+    other_cores: float | None = None
+    batches: tuple[tuple[int, float], ...] = ()  # (size, produced_at) seen: `group_batches`
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s
+
+    @property
+    def batch_interval_s(self) -> float | None:
+        """Median time from one batch's results to the next's: inference + overhead."""
+        starts = [t for _, t in self.batches]
+        if len(starts) < 2:
+            return None
+        return percentile([b - a for a, b in itertools.pairwise(starts)], 50)
+
+
+def best_point(points: Iterable[BarePoint]) -> BarePoint:
+    return max(points, key=lambda p: p.images_per_s)
+
+
+def find_point(points: Iterable[BarePoint], precision: str, batch_size: int) -> BarePoint | None:
+    for p in points:
+        if p.precision == precision and p.batch_size == batch_size:
+            return p
+    return None
+
+
+@dataclass(frozen=True)
+class Ratio:
+    label: str
+    value: float
+    note: str = ""
+
+
+def ratios(points: Sequence[BarePoint], pipeline: PipelineRun | None) -> list[Ratio]:
+    """The comparisons the issue asks for, for whatever points were measured."""
+    out: list[Ratio] = []
+    if not points:
+        return out
+    best = best_point(points)
+    best_name = f"{best.precision} batch {best.batch_size}"
+    reference = find_point(points, REFERENCE_PRECISION, 1)
+    if reference is not None:
+        out.append(
+            Ratio(
+                f"best bare ({best_name}) / fp32 one at a time",
+                best.images_per_s / reference.images_per_s,
+                "fp32 batch 1 is how the reference service captions",
+            )
+        )
+    for precision in dict.fromkeys(p.precision for p in points):
+        single = find_point(points, precision, 1)
+        batched = [p for p in points if p.precision == precision and p.batch_size > 1]
+        if single is not None and batched:
+            top = best_point(batched)
+            out.append(
+                Ratio(
+                    f"{precision}: batched (batch {top.batch_size}) / one at a time",
+                    top.images_per_s / single.images_per_s,
+                )
+            )
+    precisions = list(dict.fromkeys(p.precision for p in points))
+    if reference is not None:
+        for precision in precisions:
+            if precision == REFERENCE_PRECISION:
+                continue
+            same = find_point(points, precision, 1)
+            if same is not None:
+                out.append(
+                    Ratio(
+                        f"{precision} / fp32, both one at a time",
+                        same.images_per_s / reference.images_per_s,
+                    )
+                )
+    if pipeline is not None:
+        out.append(
+            Ratio(
+                f"pipeline / best bare ({best_name})",
+                pipeline.images_per_s / best.images_per_s,
+                "target: >= 0.9",
+            )
+        )
+    return out
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
+def _cores(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
+def bare_table(points: Sequence[BarePoint]) -> list[str]:
+    reference = find_point(points, REFERENCE_PRECISION, 1)
+    rows = []
+    for p in points:
+        vs_ref = "" if reference is None else f"{p.images_per_s / reference.images_per_s:.2f}x"
+        rows.append(
+            [
+                p.precision,
+                str(p.batch_size),
+                str(p.images),
+                f"{p.seconds / len(p.batch_seconds):.2f}",
+                f"**{p.images_per_s:.2f}**",
+                vs_ref,
+                _cores(p.other_cores),
+            ]
+        )
+    header = [
+        "precision",
+        "batch",
+        "images timed",
+        "s / batch",
+        "images/s",
+        "vs fp32 batch 1",
+        "other load (cores)",
+    ]
+    return _table(header, rows)
+
+
+def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
+    event = LatencySummary.of(run.latencies_s)
+    client = LatencySummary.of(run.client_latencies_s)
+    vs_best = "" if best is None else f"{run.images_per_s / best.images_per_s:.2f}x"
+    header = [
+        "precision",
+        "max batch",
+        "batch wait (s)",
+        "in flight",
+        "images",
+        "failed",
+        "images/s",
+        "vs best bare",
+        "other load (cores)",
+    ]
+    row = [
+        run.precision,
+        str(run.max_batch_size),
+        f"{run.max_batch_wait_s:g}",
+        str(run.in_flight),
+        str(run.images),
+        str(run.failed),
+        f"**{run.images_per_s:.2f}**",
+        vs_best,
+        _cores(run.other_cores),
+    ]
+    lat_header = ["end-to-end latency (s)", "mean", "p50", "p95", "p99", "max"]
+    lat_rows = [
+        [
+            name,
+            *(f"{v:.2f}" for v in (s.mean, s.p50, s.p95, s.p99, s.max)),
+        ]
+        for name, s in (
+            ("submitted_at -> produced_at (event)", event),
+            ("upload sent -> caption event received (client)", client),
+        )
+    ]
+    lines = [*_table(header, [row]), "", *_table(lat_header, lat_rows)]
+    if run.batches:
+        sizes = [size for size, _ in run.batches]
+        counts = ", ".join(f"{n}x{size}" for size, n in sorted(Counter(sizes).items()))
+        line = f"Worker batches seen in the results: {len(sizes)} ({counts})"
+        interval = run.batch_interval_s
+        if interval is not None:
+            line += f"; median time between batches {interval:.2f} s"
+            if best is not None and best.batch_size == run.max_batch_size:
+                bare_batch = best.seconds / len(best.batch_seconds)
+                line += f" (bare: {bare_batch:.2f} s per batch of {best.batch_size})"
+        lines += ["", line + "."]
+    return lines
+
+
+@dataclass
+class Report:
+    title: str
+    machine: Mapping[str, str]
+    settings: Mapping[str, str]
+    points: Sequence[BarePoint]
+    pipeline: PipelineRun | None
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        lines += [f"- **{key}**: {value}" for key, value in self.machine.items()]
+        lines += ["", "## Settings", ""]
+        lines += [f"- {key}: {value}" for key, value in self.settings.items()]
+        if self.points:
+            lines += ["", "## Bare model (in-process `BlipCaptioner.caption`, no Kafka)", ""]
+            lines += bare_table(self.points)
+        if self.pipeline is not None:
+            best = best_point(self.points) if self.points else None
+            lines += ["", "## Whole pipeline (HTTP upload -> caption event)", ""]
+            lines += pipeline_table(self.pipeline, best)
+        found = ratios(self.points, self.pipeline)
+        if found:
+            lines += ["", "## Ratios", ""]
+            for r in found:
+                note = f" ({r.note})" if r.note else ""
+                lines.append(f"- {r.label}: **{r.value:.2f}x**{note}")
+        if self.notes:
+            lines += ["", "## Notes", ""]
+            lines += [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"

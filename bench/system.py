@@ -1,0 +1,137 @@
+"""The machine: its description for the report, and CPU time used by other processes.
+
+The benchmark may share its cores with other work (on a 2-core box, a test run halves
+throughput). `CpuMeter` measures how many cores were busy with processes that are not
+ours during a measurement, so the report can say whether a number was disturbed. Linux
+only (/proc); elsewhere it reports nothing rather than guessing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def busy_ticks_from_proc_stat(text: str) -> int:
+    """Busy CPU time of the whole machine, in clock ticks, from /proc/stat's `cpu` line.
+
+    Busy = user + nice + system + irq + softirq (guest time is already inside user);
+    idle, iowait and steal are not.
+    """
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in parts[1:8])
+            return user + nice + system + irq + softirq
+    raise ValueError("no aggregate `cpu` line in /proc/stat")
+
+
+def process_ticks_from_stat(text: str) -> int:
+    """utime + stime of one process (all its threads), from /proc/<pid>/stat."""
+    # The command name (field 2) is in parentheses and may contain spaces.
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the whole line
+
+
+def cpu_model_from_cpuinfo(text: str) -> str:
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("model name", "Model", "Hardware"):
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    machine: int
+    ours: int
+
+
+class CpuMeter:
+    """Cores kept busy by processes other than `pids` between `start()` and `stop()`."""
+
+    def __init__(self, pids: Iterable[int] = ()) -> None:
+        self.pids = {os.getpid(), *pids}
+        self._start: _Sample | None = None
+
+    def _ours(self) -> int:
+        total = 0
+        for pid in self.pids:
+            text = _read(f"/proc/{pid}/stat")
+            if text is not None:
+                total += process_ticks_from_stat(text)
+        return total
+
+    def _sample(self) -> _Sample | None:
+        text = _read("/proc/stat")
+        if text is None:
+            return None
+        return _Sample(time.monotonic(), busy_ticks_from_proc_stat(text), self._ours())
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end.at <= self._start.at:
+            return None
+        others = (end.machine - self._start.machine) - (end.ours - self._start.ours)
+        return max(0.0, others / _TICKS / (end.at - self._start.at))
+
+
+def machine_description(device: str) -> dict[str, str]:
+    import torch
+    import transformers
+
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = f"{os.cpu_count()} logical" + (f", {affinity} usable" if affinity else "")
+    description = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "CPU": cpu_model_from_cpuinfo(cpuinfo),
+        "cores": cores,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        description["GPU"] = torch.cuda.get_device_name(device)
+    flags = [
+        name
+        for name, present in _cpu_capabilities().items()
+        if present is True and ("bf16" in name or "amx" in name or name == "avx512_f")
+    ]
+    description["CPU features"] = ", ".join(sorted(flags)) or "unknown"
+    description["software"] = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        description["load average at start"] = " ".join(f"{v:.2f}" for v in load)
+    return description
+
+
+def _cpu_capabilities() -> dict[str, object]:
+    import torch
+
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is None:
+        return {}
+    try:
+        return dict(get())
+    except Exception:
+        return {}

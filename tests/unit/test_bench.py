@@ -1,0 +1,276 @@
+"""The benchmark's pure helpers (`make bench` itself is a measurement, not a test)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from PIL import Image
+
+from bench.__main__ import build_parser, default_batch_wait
+from bench.images import synthetic_jpegs
+from bench.model import bert_style_vocab
+from bench.stats import (
+    BarePoint,
+    LatencySummary,
+    PipelineRun,
+    Report,
+    bare_table,
+    best_point,
+    group_batches,
+    percentile,
+    ratios,
+)
+from bench.system import (
+    busy_ticks_from_proc_stat,
+    cpu_model_from_cpuinfo,
+    process_ticks_from_stat,
+)
+from processor.captioner import BlipCaptioner
+from processor.tiny_blip import build_tiny_blip
+from schemas.events import GenerationOptions
+
+# --- percentiles ------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([4, 1, 3, 2], 0) == 1  # input order does not matter
+    assert percentile([4, 1, 3, 2], 100) == 4
+    assert percentile([10, 20], 95) == pytest.approx(19.5)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_matches_the_standard_definition() -> None:
+    values = [0.3, 5.1, 2.2, 9.9, 4.4, 4.4, 7.0, 1.5, 3.3, 8.8, 6.1]
+    expected = statistics.quantiles(values, n=100, method="inclusive")  # numpy's "linear"
+    for q in range(1, 100):
+        assert percentile(values, q) == pytest.approx(expected[q - 1])
+
+
+@pytest.mark.parametrize("q", [-1, 100.5])
+def test_percentile_rejects_out_of_range(q: float) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        percentile([1.0], q)
+
+
+def test_percentile_of_nothing() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+def test_latency_summary() -> None:
+    s = LatencySummary.of([3.0, 1.0, 2.0, 10.0])
+    assert (s.count, s.mean, s.p50, s.max) == (4, 4.0, 2.5, 10.0)
+    assert s.p50 <= s.p95 <= s.p99 <= s.max
+
+
+# --- results, ratios, report --------------------------------------------------------------
+
+
+def points() -> list[BarePoint]:
+    return [
+        BarePoint("fp32", 1, (1.0, 1.0)),  # 1.0 images/s
+        BarePoint("fp32", 8, (8.0 / 1.2, 8.0 / 1.2)),  # 1.2
+        BarePoint("bf16", 1, (0.5, 0.5), other_cores=0.01),  # 2.0
+        BarePoint("bf16", 8, (2.0, 2.0), other_cores=0.6),  # 4.0: the best
+        BarePoint("bf16", 16, (5.0,)),  # 3.2
+    ]
+
+
+def pipeline_run() -> PipelineRun:
+    return PipelineRun(
+        precision="bf16",
+        max_batch_size=8,
+        max_batch_wait_s=0.1,
+        in_flight=16,
+        images=48,
+        wall_s=16.0,  # 3.0 images/s
+        latencies_s=(4.0, 5.0, 6.0),
+        client_latencies_s=(4.1, 5.1, 6.1),
+    )
+
+
+def test_bare_point() -> None:
+    p = BarePoint("bf16", 8, (2.0, 3.0))
+    assert (p.images, p.seconds, p.images_per_s) == (16, 5.0, 3.2)
+
+
+def test_best_point() -> None:
+    best = best_point(points())
+    assert (best.precision, best.batch_size) == ("bf16", 8)
+
+
+def test_ratios() -> None:
+    found = {r.label: r.value for r in ratios(points(), pipeline_run())}
+    assert found == {
+        "best bare (bf16 batch 8) / fp32 one at a time": pytest.approx(4.0),
+        "fp32: batched (batch 8) / one at a time": pytest.approx(1.2),
+        "bf16: batched (batch 8) / one at a time": pytest.approx(2.0),
+        "bf16 / fp32, both one at a time": pytest.approx(2.0),
+        "pipeline / best bare (bf16 batch 8)": pytest.approx(0.75),
+    }
+
+
+def test_ratios_without_reference_or_pipeline() -> None:
+    only_bf16 = [p for p in points() if p.precision == "bf16"]
+    found = {r.label for r in ratios(only_bf16, None)}
+    assert found == {"bf16: batched (batch 8) / one at a time"}
+    assert ratios([], None) == []
+
+
+def test_bare_table() -> None:
+    lines = bare_table(points())
+    assert lines[0].startswith("| precision | batch |")
+    assert len(lines) == 2 + len(points())
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}  # aligned columns
+    assert "| bf16 | 8 | 16 | 2.00 | **4.00** | 4.00x | 0.60 |" in lines
+
+
+def test_report_markdown() -> None:
+    text = Report(
+        "bench",
+        {"CPU": "Test CPU"},
+        {"new tokens per caption": "20"},
+        points(),
+        pipeline_run(),
+        notes=["a note"],
+    ).markdown()
+    assert text.startswith("# bench\n")
+    assert "- **CPU**: Test CPU" in text
+    assert "| bf16 | 8 | 0.1 | 16 | 48 | 0 | **3.00** | 0.75x | ? |" in text
+    assert "| submitted_at -> produced_at (event) | 5.00 | 5.00 | 5.90 | 5.98 | 6.00 |" in text
+    assert "- pipeline / best bare (bf16 batch 8): **0.75x** (target: >= 0.9)" in text
+    assert text.endswith("- a note\n")
+
+
+def test_report_without_pipeline_or_bare() -> None:
+    bare_only = Report("b", {}, {}, points(), None).markdown()
+    assert "Whole pipeline" not in bare_only
+    pipeline_only = Report("b", {}, {}, [], pipeline_run()).markdown()
+    assert "Bare model" not in pipeline_only
+    assert "| bf16 | 8 | 0.1 | 16 | 48 | 0 | **3.00** |  | ? |" in pipeline_only
+
+
+def test_default_batch_wait() -> None:
+    assert default_batch_wait(None) == 0.05
+    assert default_batch_wait(BarePoint("bf16", 8, (3.0, 3.0))) == 0.15  # 5% of a batch
+    assert default_batch_wait(BarePoint("fp16", 8, (0.02,))) == 0.01  # floor
+    assert default_batch_wait(BarePoint("fp32", 16, (20.0,))) == 0.25  # cap
+
+
+def test_cli_defaults_and_quick() -> None:
+    args = build_parser().parse_args([])
+    assert args.batch_sizes is None  # 1,4,8,16 unless --quick
+    assert args.precisions == ["fp32", "auto"]
+    assert args.new_tokens == 20
+    quick = build_parser().parse_args(["--quick", "--batch-sizes", "1,2", "--precisions", "bf16"])
+    assert (quick.quick, quick.batch_sizes, quick.precisions) == (True, [1, 2], ["bf16"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--batch-sizes", "0,4"])
+
+
+# --- machine --------------------------------------------------------------------------------
+
+
+def test_busy_ticks_from_proc_stat() -> None:
+    text = "cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 50 2 25 500 10 1 1 3 0 0\nintr 1\n"
+    assert busy_ticks_from_proc_stat(text) == 100 + 5 + 50 + 3 + 2
+    with pytest.raises(ValueError, match="cpu"):
+        busy_ticks_from_proc_stat("intr 1\n")
+
+
+def test_process_ticks_from_stat() -> None:
+    # the command name may contain spaces and parentheses
+    text = "1234 (python (bench) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 40 0 0 20 0 3 0"
+    assert process_ticks_from_stat(text) == 250 + 40
+
+
+def test_cpu_model_from_cpuinfo() -> None:
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\nflags\t: fpu\n"
+    assert cpu_model_from_cpuinfo(text) == "AMD EPYC 9R14"
+
+
+# --- model and images -----------------------------------------------------------------------
+
+
+def test_bert_style_vocab_has_blip_base_layout() -> None:
+    vocab = bert_style_vocab(30524)
+    assert len(vocab) == 30524
+    assert sorted(vocab.values()) == list(range(30524))
+    expected = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+    assert expected.items() <= vocab.items()
+    assert (vocab["[DEC]"], vocab["[ENC]"]) == (30522, 30523)  # BLIP's bos and [ENC]
+
+
+def test_synthetic_jpegs() -> None:
+    jpegs = synthetic_jpegs(3, size=(64, 48), seed=5)
+    assert len(set(jpegs)) == 3
+    assert jpegs == synthetic_jpegs(3, size=(64, 48), seed=5)  # deterministic
+    with Image.open(io.BytesIO(jpegs[0])) as img:
+        assert (img.format, img.size) == ("JPEG", (64, 48))
+
+
+def test_saved_generation_config_fixes_the_caption_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """min_new_tokens in generation_config.json reaches BLIP's text decoder.
+
+    The benchmark model relies on it to generate exactly N tokens. The model is biased
+    to end every caption at once, so only min_new_tokens can make it longer.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model_dir = tmp_path / "fixed-length"
+    shutil.copytree(build_tiny_blip(tmp_path / "tiny"), model_dir)
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(min_new_tokens=7, max_new_tokens=7)
+    config_path.write_text(json.dumps(config))
+
+    captioner = BlipCaptioner.load(
+        str(model_dir), data_dir=tmp_path, device="cpu", precision="fp32"
+    )
+    sep = captioner.model.config.text_config.sep_token_id
+    with torch.no_grad():
+        captioner.model.text_decoder.cls.predictions.bias[sep] = 1e4
+    pixels = captioner.processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    with torch.inference_mode():
+        ids = captioner.model.generate(**pixels, max_new_tokens=7)
+    assert ids.shape[1] - 1 == 7  # [DEC] + exactly 7 new tokens
+    [caption] = captioner.caption([Image.new("RGB", (32, 32))], [GenerationOptions()])
+    assert isinstance(caption, str)
+
+
+def test_group_batches() -> None:
+    times = [10.0, 10.001, 10.002, 14.0, 14.001, 18.5]
+    assert group_batches(times) == [(3, 10.0), (2, 14.0), (1, 18.5)]
+    assert group_batches(list(reversed(times))) == group_batches(times)
+    assert group_batches([]) == []
+
+
+def test_pipeline_batch_interval_and_report_line() -> None:
+    run = PipelineRun(
+        precision="bf16",
+        max_batch_size=8,
+        max_batch_wait_s=0.1,
+        in_flight=16,
+        images=24,
+        wall_s=10.0,
+        latencies_s=(1.0,),
+        client_latencies_s=(1.0,),
+        batches=((8, 0.0), (8, 4.5), (8, 8.5)),
+    )
+    assert run.batch_interval_s == pytest.approx(4.25)
+    text = Report("b", {}, {}, points(), run).markdown()
+    assert (
+        "Worker batches seen in the results: 3 (3x8); median time between batches 4.25 s "
+        "(bare: 2.00 s per batch of 8)." in text
+    )
+    assert PipelineRun("bf16", 8, 0.1, 16, 8, 1.0, (1.0,), (1.0,)).batch_interval_s is None
