@@ -1,0 +1,57 @@
+"""A batch that runs longer than the consumer session timeout must not cost the worker
+its partitions: inference runs in a thread, so heartbeats keep flowing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from captionstream.broker import EmbeddedBroker, free_port
+from captionstream.kafka import EMBEDDED_PROFILE
+from tests.conftest import make_png
+from tests.integration.stack import Stack
+
+# Every batch takes at least this long: longer than the embedded profile's 4 s session.
+SECONDS_PER_IMAGE = 5.0
+
+
+@pytest.fixture
+def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("slow")
+    (root / "logs").mkdir()
+    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
+        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
+        stack.spawn_env.update(
+            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE=str(SECONDS_PER_IMAGE),
+            CAPTIONSTREAM_MAX_BATCH_SIZE="4",
+        )
+        try:
+            yield stack
+        finally:
+            stack.stop_all()
+
+
+def test_batch_longer_than_session_timeout_keeps_partitions(slow_stack: Stack) -> None:
+    worker = slow_stack.start_worker()
+    gateway = slow_stack.start_gateway()
+    assignments_before = worker.log().count("Setting newly assigned partitions")
+
+    started = time.monotonic()
+    job_ids = [gateway.upload(make_png(color=(i, 1, 2))).json()["job_id"] for i in range(2)]
+    finals = [gateway.wait_terminal(job_id, timeout_s=60) for job_id in job_ids]
+    elapsed = time.monotonic() - started
+
+    assert [f["status"] for f in finals] == ["SUCCESS"] * 2
+    assert [f["attempts"] for f in finals] == [1] * 2, "nothing was redelivered"
+    session_timeout = EMBEDDED_PROFILE.session_timeout_s
+    assert session_timeout is not None
+    assert session_timeout < SECONDS_PER_IMAGE
+    assert elapsed >= SECONDS_PER_IMAGE
+    log = worker.log()
+    assert log.count("Setting newly assigned partitions") == assignments_before, (
+        "no rebalance happened during the long batch"
+    )
+    assert "Heartbeat failed" not in log
