@@ -13,12 +13,14 @@ from fastapi.responses import JSONResponse
 from captionstream.errors import CaptionstreamError
 from captionstream.kafka import ensure_topics, tuning_for
 from captionstream.settings import GatewaySettings
+from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from gateway.publisher import KafkaJobPublisher
 from gateway.readiness import Readiness
-from gateway.routes import health, jobs
+from gateway.routes import health, jobs, metrics
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import ImageLimits, allow_pixels
+from schemas.events import JobState
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await producer.start()
         view = JobView()
         follower = JobStateFollower(view, settings.bootstrap, TOPICS.job_state.name)
+        app_metrics = GatewayMetrics(view)
+
+        def observe_terminal(state: JobState) -> None:
+            # Only live completions: states replayed while rebuilding the view finished
+            # long ago and were already counted by the replica that saw them happen.
+            if follower.caught_up.is_set():
+                app_metrics.observe_terminal(state)
+
+        view.terminal_listeners.append(observe_terminal)
         try:
             await follower.start(settings.view_catch_up_timeout_s)
             app.state.settings = settings
             app.state.view = view
+            app.state.metrics = app_metrics
             app.state.follower = follower
             app.state.publisher = KafkaJobPublisher(producer)
             app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
@@ -62,6 +74,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def captionstream_error(request: Request, exc: CaptionstreamError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"detail": exc.detail})
 
-    app.include_router(jobs.router, prefix="/api/v1")
+    app.add_middleware(HttpMetricsMiddleware)
+    app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     return app

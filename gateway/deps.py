@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, WebSocket
 
+from gateway.metrics import GatewayMetrics
 from gateway.publisher import KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.view import JobStateFollower, JobView
@@ -41,6 +42,14 @@ def _readiness(request: Request) -> Readiness:
     return request.app.state.readiness  # type: ignore[no-any-return]
 
 
+def _metrics(request: Request) -> GatewayMetrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def _ws_metrics(websocket: WebSocket) -> GatewayMetrics:
+    return websocket.app.state.metrics  # type: ignore[no-any-return]
+
+
 ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
@@ -48,3 +57,5 @@ BlobsDep = Annotated[LocalBlobStore, Depends(_blobs)]
 LimitsDep = Annotated[ImageLimits, Depends(_limits)]
 FollowerDep = Annotated[JobStateFollower, Depends(_follower)]
 ReadinessDep = Annotated[Readiness, Depends(_readiness)]
+MetricsDep = Annotated[GatewayMetrics, Depends(_metrics)]
+WsMetricsDep = Annotated[GatewayMetrics, Depends(_ws_metrics)]

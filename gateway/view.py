@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from captionstream.kafka import assign_whole_topic
-from schemas.events import EventDecodeError, JobState, decode_job_state
+from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,17 @@ def supersedes(new: JobState, old: JobState | None) -> bool:
 
 
 class JobView:
-    """job id -> latest `JobState`, with per-job change subscriptions for push channels."""
+    """job id -> latest `JobState`, with per-job change subscriptions for push channels.
+
+    `terminal_listeners` are called with every state that makes a job terminal in the
+    view (at most once per job, since the first terminal state is final).
+    """
 
     def __init__(self) -> None:
         self._jobs: dict[str, JobState] = {}
         self._subscribers: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
+        self._by_status: Counter[JobStatus] = Counter()
+        self.terminal_listeners: list[Callable[[JobState], None]] = []
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -43,14 +50,27 @@ class JobView:
     def get(self, job_id: str) -> JobState | None:
         return self._jobs.get(job_id)
 
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs the view holds in each status (every status, zeros included)."""
+        return {status: self._by_status[status] for status in JobStatus}
+
     def apply(self, state: JobState) -> bool:
         """Record `state`; True if it changed the view (and was pushed to subscribers)."""
         old = self._jobs.get(state.job_id)
         if state == old or not supersedes(state, old):
             return False
         self._jobs[state.job_id] = state
+        if old is not None:
+            self._by_status[old.status] -= 1
+        self._by_status[state.status] += 1
         for queue in self._subscribers.get(state.job_id, ()):
             queue.put_nowait(state)
+        if state.status.terminal:
+            for listener in self.terminal_listeners:
+                try:
+                    listener(state)
+                except Exception:  # an observer must never break the view
+                    log.exception("terminal-state listener %r failed", listener)
         return True
 
     @contextlib.contextmanager

@@ -1,0 +1,136 @@
+"""Prometheus metrics of one gateway app instance, served at `/metrics`.
+
+Each app gets its own `CollectorRegistry` (created in the lifespan), so two apps in one
+process (tests, embedding) never share or double-register series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.view import JobView
+from schemas.events import JobState, utcnow
+
+# Submission to terminal state: from tens of milliseconds (tiny model, idle) to minutes
+# (queued behind a backlog, retries with backoff).
+END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+UNMATCHED_ROUTE = (
+    "<unmatched>"  # one label for every path no route matched (no cardinality blow-up)
+)
+
+
+class _ViewCollector(Collector):
+    """Jobs in the view by status, computed when scraped."""
+
+    def __init__(self, view: JobView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "captionstream_gateway_view_jobs",
+            "Jobs in this gateway's job view, by status.",
+            labels=["status"],
+        )
+        for status, count in self.view.count_by_status().items():
+            family.add_metric([status.value], count)
+        yield family
+
+
+class GatewayMetrics:
+    def __init__(self, view: JobView) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_ViewCollector(view))
+        self.http_requests = Counter(
+            "captionstream_gateway_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "captionstream_gateway_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and method.",
+            ["route", "method"],
+            registry=self.registry,
+        )
+        self.jobs_submitted = Counter(
+            "captionstream_gateway_jobs_submitted",
+            "Jobs accepted by this gateway, by how the image came (upload or url).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.websockets_open = Gauge(
+            "captionstream_gateway_websocket_connections",
+            "WebSocket connections open now.",
+            registry=self.registry,
+        )
+        self.end_to_end = Histogram(
+            "captionstream_job_end_to_end_seconds",
+            "Seconds from a job's submitted_at until this gateway's view saw it terminal, "
+            "by terminal status (jobs replayed while the view was rebuilt are not counted).",
+            ["status"],
+            buckets=END_TO_END_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_terminal(self, state: JobState) -> None:
+        seconds = (utcnow() - state.submitted_at).total_seconds()
+        self.end_to_end.labels(state.status.value).observe(max(seconds, 0.0))
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every HTTP request by route template (pure ASGI: streaming-safe).
+
+    Reads the metrics from `app.state.metrics`, which the lifespan creates; requests
+    served without it (none in practice) are simply not counted. The `route` label is
+    the matched route's `path`: routers must carry their prefix themselves
+    (`APIRouter(prefix=...)`), because a prefix given to `include_router` is not part of
+    `route.path` in current FastAPI.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics: GatewayMetrics | None = None
+        if scope["type"] == "http" and "app" in scope:
+            metrics = getattr(scope["app"].state, "metrics", None)
+        if metrics is None:
+            await self.app(scope, receive, send)
+            return
+
+        status = 500  # what the client gets if the app raises before answering
+        started = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+            method = scope["method"]
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_duration.labels(route, method).observe(time.perf_counter() - started)
