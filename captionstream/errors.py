@@ -75,3 +75,25 @@ class InferenceError(CaptioningError):
     """The model failed on a batch; may succeed on a later attempt."""
 
     retriable = True
+
+
+# --- fetching images by URL -----------------------------------------------------------
+
+
+class FetchError(CaptionstreamError):
+    """An image URL could not be fetched: the upstream failed or answered an error."""
+
+    http_status = 502
+
+
+class FetchRefused(FetchError):
+    """An image URL this service will not fetch: scheme, credentials, an address that is
+    not public (SSRF guard), an unknown host, or too many redirects."""
+
+    http_status = 400
+
+
+class FetchTimeout(FetchError):
+    """The upstream did not answer, or not completely, in time."""
+
+    http_status = 504

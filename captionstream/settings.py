@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, computed_field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, computed_field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -77,6 +78,36 @@ class IngestSettings(CommonSettings):
 
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=200_000_000, ge=1)
+    # Fetching images by URL (`POST /api/v1/jobs`); the byte cap is max_upload_bytes.
+    fetch_connect_timeout_s: float = Field(default=5.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=10.0, gt=0, description="Between bytes.")
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, description="Whole fetch, redirects and body included."
+    )
+    fetch_max_redirects: int = Field(default=3, ge=0)
+    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names (or IP literals) fetched even when they "
+        "resolve to non-public addresses, e.g. `127.0.0.1` in tests or an internal "
+        "image host. Cloud metadata addresses stay refused.",
+    )
+    fetch_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated networks (CIDR) whose addresses may be fetched, "
+        "e.g. `10.1.2.0/24`. Cloud metadata addresses stay refused.",
+    )
+
+    @field_validator("fetch_allow_hosts", "fetch_allow_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("fetch_allow_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().strip("[]") for host in value]
 
 
 class GatewaySettings(IngestSettings):

@@ -19,6 +19,7 @@ from gateway.readiness import Readiness
 from gateway.routes import health, jobs, metrics
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
+from ingest.fetch import FetchPolicy, ImageFetcher
 from ingest.validation import ImageLimits, allow_pixels
 from schemas.events import JobState
 from schemas.topics import TOPICS
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 app_metrics.observe_terminal(state)
 
         view.terminal_listeners.append(observe_terminal)
+        fetcher = ImageFetcher(FetchPolicy.from_settings(settings))
         try:
             await follower.start(settings.view_catch_up_timeout_s)
             app.state.settings = settings
@@ -57,9 +59,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.publisher = KafkaJobPublisher(producer)
             app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
             app.state.blobs = LocalBlobStore(settings.blob_dir)
+            app.state.fetcher = fetcher
             app.state.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
             yield
         finally:
+            await fetcher.aclose()
             await follower.stop()
             await producer.stop()
 

@@ -11,6 +11,7 @@ from gateway.publisher import KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
+from ingest.fetch import ImageFetcher
 from ingest.validation import ImageLimits
 
 
@@ -50,6 +51,10 @@ def _ws_metrics(websocket: WebSocket) -> GatewayMetrics:
     return websocket.app.state.metrics  # type: ignore[no-any-return]
 
 
+def _fetcher(request: Request) -> ImageFetcher:
+    return request.app.state.fetcher  # type: ignore[no-any-return]
+
+
 ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
@@ -59,3 +64,4 @@ FollowerDep = Annotated[JobStateFollower, Depends(_follower)]
 ReadinessDep = Annotated[Readiness, Depends(_readiness)]
 MetricsDep = Annotated[GatewayMetrics, Depends(_metrics)]
 WsMetricsDep = Annotated[GatewayMetrics, Depends(_ws_metrics)]
+FetcherDep = Annotated[ImageFetcher, Depends(_fetcher)]

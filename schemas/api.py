@@ -7,11 +7,35 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import JobState, JobStatus
+from schemas.events import GenerationOptions, JobState, JobStatus
 
 
 class ErrorResponse(BaseModel):
     detail: str = Field(examples=["unsupported image type: image/svg+xml"])
+
+
+class JobRequest(BaseModel):
+    """`POST /api/v1/jobs`: caption the image at a URL, which the gateway fetches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="http or https URL of the image; it must resolve to a public address.",
+        examples=["https://example.com/cat.jpg"],
+    )
+    options: GenerationOptions = GenerationOptions()
+
+
+class UploadOptions(GenerationOptions):
+    """`GenerationOptions` as multipart form fields next to `file` (other fields are not
+    options and are ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def generation_options(self) -> GenerationOptions:
+        return GenerationOptions.model_validate(self.model_dump())
 
 
 class JobAccepted(BaseModel):

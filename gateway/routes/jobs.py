@@ -1,17 +1,19 @@
-"""Jobs: submit an image, read a job's status, follow it over a WebSocket."""
+"""Jobs: submit an image (upload or URL), read a job's status, follow it over a WebSocket."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, HTTPException, Response, UploadFile, WebSocket, status
+from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, WebSocket, status
 from starlette.websockets import WebSocketDisconnect
 
 from captionstream.errors import BrokerError, ImageTooLarge
 from gateway.deps import (
     BlobsDep,
+    FetcherDep,
     LimitsDep,
     MetricsDep,
     PublisherDep,
@@ -19,10 +21,14 @@ from gateway.deps import (
     WsMetricsDep,
     WsViewDep,
 )
+from gateway.metrics import GatewayMetrics
+from gateway.publisher import KafkaJobPublisher
 from gateway.view import JobView
+from ingest.blobstore import LocalBlobStore
 from ingest.submission import submit_image
-from schemas.api import ErrorResponse, JobAccepted, JobStatusResponse
-from schemas.events import JobState
+from ingest.validation import ImageLimits
+from schemas.api import ErrorResponse, JobAccepted, JobRequest, JobStatusResponse, UploadOptions
+from schemas.events import GenerationOptions, JobState
 
 # The prefix lives on the router (not on `include_router`) so that each route's `path` is
 # its full template, which the metrics middleware uses as the `route` label.
@@ -31,6 +37,35 @@ router = APIRouter(prefix="/api/v1", tags=["jobs"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 415, 503)
 }
+_FETCH_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 413, 415, 502, 503, 504)
+}
+
+
+async def _accept(
+    data: bytes,
+    filename: str | None,
+    options: GenerationOptions,
+    source: str,
+    *,
+    response: Response,
+    view: JobView,
+    publisher: KafkaJobPublisher,
+    blobs: LocalBlobStore,
+    limits: ImageLimits,
+    metrics: GatewayMetrics,
+) -> JobAccepted:
+    """validate -> store -> publish, the same for every way an image arrives."""
+    try:
+        state, _ = await submit_image(
+            data, filename, limits=limits, blobs=blobs, publisher=publisher, options=options
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
+    view.apply(state)  # visible on this replica at once; others see it from the topic
+    metrics.jobs_submitted.labels(source).inc()
+    response.headers["Location"] = f"{router.prefix}/status/{state.job_id}"
+    return JobAccepted(job_id=state.job_id, status=state.status, submitted_at=state.submitted_at)
 
 
 @router.post(
@@ -42,6 +77,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 )
 async def upload(
     file: UploadFile,
+    options: Annotated[UploadOptions, Form()],
     response: Response,
     view: ViewDep,
     publisher: PublisherDep,
@@ -49,20 +85,59 @@ async def upload(
     limits: LimitsDep,
     metrics: MetricsDep,
 ) -> JobAccepted:
+    """Optional form fields `max_new_tokens`, `num_beams`, `prompt` set the job's
+    generation options (as in `POST /api/v1/jobs`)."""
     # Read one byte past the limit: enough to know it is too large, never the whole body.
     data = await file.read(limits.max_bytes + 1)
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image exceeds the limit of {limits.max_bytes} bytes")
-    try:
-        state, _ = await submit_image(
-            data, file.filename, limits=limits, blobs=blobs, publisher=publisher
-        )
-    except KafkaError as exc:
-        raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
-    view.apply(state)  # visible on this replica at once; others see it from the topic
-    metrics.jobs_submitted.labels("upload").inc()
-    response.headers["Location"] = f"/api/v1/status/{state.job_id}"
-    return JobAccepted(job_id=state.job_id, status=state.status, submitted_at=state.submitted_at)
+    return await _accept(
+        data,
+        file.filename,
+        options.generation_options(),
+        "upload",
+        response=response,
+        view=view,
+        publisher=publisher,
+        blobs=blobs,
+        limits=limits,
+        metrics=metrics,
+    )
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses=_FETCH_ERRORS,
+    summary="Submit an image by URL (fetched by the gateway) for captioning",
+)
+async def submit_by_url(
+    body: JobRequest,
+    response: Response,
+    fetcher: FetcherDep,
+    view: ViewDep,
+    publisher: PublisherDep,
+    blobs: BlobsDep,
+    limits: LimitsDep,
+    metrics: MetricsDep,
+) -> JobAccepted:
+    """The gateway fetches `image_url` (http/https, public addresses only, at most 3
+    redirects, the upload size limit) and accepts it like an upload: 400 for a URL it
+    will not fetch, 413/415 for the content, 502/504 when the upstream fails."""
+    data = await fetcher.fetch(body.image_url)
+    return await _accept(
+        data,
+        None,  # a URL path is no file name: the content alone decides
+        body.options,
+        "url",
+        response=response,
+        view=view,
+        publisher=publisher,
+        blobs=blobs,
+        limits=limits,
+        metrics=metrics,
+    )
 
 
 def _known(view: ViewDep, job_id: str) -> JobState:

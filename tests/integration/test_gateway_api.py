@@ -3,9 +3,13 @@ readiness, metrics, jobs by URL, and upload limits enforced while streaming."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -15,10 +19,12 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionstream.broker import EmbeddedBroker, free_port
-from schemas.events import JobState, utcnow
+from schemas.events import GenerationOptions, JobState, decode_image_submitted, utcnow
 from schemas.topics import TOPICS
-from tests.conftest import make_png
-from tests.integration.stack import Component, Gateway, Stack, wait_until
+from tests.conftest import make_noise_png, make_png
+from tests.integration.stack import Component, Gateway, Stack, read_topic, wait_until
+
+SMALL_LIMIT = 100_000  # CAPTIONSTREAM_MAX_UPLOAD_BYTES of the `limited` gateway
 
 
 def start_gateway(stack: Stack, timeout_s: float = 60, **env: str) -> Gateway:
@@ -174,3 +180,151 @@ async def test_metrics_count_open_websockets(stack: Stack, gateway: Gateway) -> 
         assert "PENDING" in str(await ws.recv())
         assert sample(scrape(gateway), name) == 1
     wait_until(lambda: sample(scrape(gateway), name) == 0, 10, "the gauge to drop on close")
+
+
+# --- jobs by URL ----------------------------------------------------------------------
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving a directory of files; yields its base URL."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "cat.png").write_bytes(make_png(48, 32, color=(250, 200, 0)))
+    (root / "page.html").write_bytes(b"<html>not an image</html>")
+    (root / "big.png").write_bytes(make_noise_png(256, 256))  # > SMALL_LIMIT
+    assert (root / "big.png").stat().st_size > SMALL_LIMIT
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def limited(stack: Stack) -> Gateway:
+    """A gateway that may fetch from 127.0.0.1 and accepts at most SMALL_LIMIT bytes."""
+    return start_gateway(
+        stack,
+        CAPTIONSTREAM_FETCH_ALLOW_HOSTS="127.0.0.1",
+        CAPTIONSTREAM_MAX_UPLOAD_BYTES=str(SMALL_LIMIT),
+    )
+
+
+def submit_url(gateway: Gateway, url: str, **options: object) -> httpx.Response:
+    body: dict[str, object] = {"image_url": url}
+    if options:
+        body["options"] = options
+    return httpx.post(f"{gateway.url}/api/v1/jobs", json=body, timeout=30)
+
+
+async def submitted_event_options(bootstrap: str, job_id: str) -> GenerationOptions:
+    records = await read_topic(bootstrap, TOPICS.images.name)
+    [event] = [decode_image_submitted(v) for k, v in records if k == job_id.encode()]
+    return event.options
+
+
+async def test_submit_by_url_runs_the_job_with_its_options(
+    stack: Stack, worker: Component, limited: Gateway, images: str
+) -> None:
+    before = scrape(limited)
+    response = submit_url(
+        limited, f"{images}/cat.png", max_new_tokens=5, num_beams=2, prompt="a picture of"
+    )
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    job_id = accepted["job_id"]
+    assert accepted["status"] == "PENDING"
+    assert response.headers["location"] == f"/api/v1/status/{job_id}"
+
+    done = limited.wait_terminal(job_id)
+    assert done["status"] == "SUCCESS", done
+    assert isinstance(done["result"], dict)
+    assert isinstance(done["result"]["caption"], str)
+    assert await submitted_event_options(stack.bootstrap, job_id) == GenerationOptions(
+        max_new_tokens=5, num_beams=2, prompt="a picture of"
+    )
+    after = scrape(limited)
+    name = "captionstream_gateway_jobs_submitted_total"
+    assert sample(after, name, source="url") - sample(before, name, source="url") == 1
+
+
+async def test_upload_accepts_options_as_form_fields(stack: Stack, limited: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=limited.url, timeout=30) as client:
+        response = await client.post(
+            "/api/v1/upload",
+            files={"file": ("cat.png", make_png(20, 20))},
+            data={"num_beams": "3", "prompt": "a drawing of"},
+        )
+        assert response.status_code == 202, response.text
+        bad = await client.post(
+            "/api/v1/upload",
+            files={"file": ("cat.png", make_png(20, 20))},
+            data={"num_beams": "99"},
+        )
+    options = await submitted_event_options(stack.bootstrap, response.json()["job_id"])
+    assert options == GenerationOptions(num_beams=3, prompt="a drawing of")
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["detail"][0]["loc"] == ["body", "num_beams"]
+
+
+def test_ssrf_loopback_and_metadata_are_refused(gateway: Gateway, images: str) -> None:
+    """The default gateway has no allow-list: the same local server is out of bounds."""
+    for url, needle in [
+        (f"{images}/cat.png", "loopback"),
+        (images.replace("127.0.0.1", "localhost") + "/cat.png", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("http://[::ffff:10.0.0.1]/x.png", "private"),
+        ("http://10.0.0.1/x.png", "private"),
+    ]:
+        response = submit_url(gateway, url)
+        assert response.status_code == 400, (url, response.text)
+        assert needle in response.json()["detail"], response.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "needle"),
+    [
+        ({"image_url": "file:///etc/passwd"}, 400, "only http and https"),
+        ({"image_url": "ftp://127.0.0.1/cat.png"}, 400, "only http and https"),
+        ({"image_url": "http://user:pw@127.0.0.1/cat.png"}, 400, "credentials"),
+        ({"image_url": "http://no-such-host.invalid/cat.png"}, 400, "unknown host"),
+        ({"image_url": "{images}/page.html"}, 415, "not a supported image"),
+        ({"image_url": "{images}/big.png"}, 413, f"limit is {SMALL_LIMIT} bytes"),
+        ({"image_url": "{images}/missing.png"}, 502, "404"),
+        ({"image_url": "{images}/cat.png", "options": {"num_beams": 99}}, 422, "num_beams"),
+        ({"image_url": "{images}/cat.png", "options": {"temperature": 2}}, 422, "temperature"),
+        ({"image_url": "{images}/cat.png", "callback": "x"}, 422, "callback"),
+        ({"url": "{images}/cat.png"}, 422, "image_url"),
+    ],
+    ids=[
+        "file-scheme",
+        "ftp-scheme",
+        "credentials",
+        "unknown-host",
+        "not-an-image",
+        "too-big",
+        "upstream-404",
+        "bad-option",
+        "unknown-option",
+        "unknown-field",
+        "missing-url",
+    ],
+)
+def test_bad_url_submissions(
+    limited: Gateway, images: str, body: dict[str, object], code: int, needle: str
+) -> None:
+    if isinstance(body.get("image_url"), str):
+        body = {**body, "image_url": str(body["image_url"]).format(images=images)}
+    if isinstance(body.get("url"), str):
+        body = {**body, "url": str(body["url"]).format(images=images)}
+    response = httpx.post(f"{limited.url}/api/v1/jobs", json=body, timeout=30)
+    assert response.status_code == code, response.text
+    assert needle in str(response.json()["detail"])
