@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from captionstream.errors import CaptionstreamError
 from captionstream.kafka import ensure_topics, tuning_for
 from captionstream.settings import GatewaySettings
+from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from gateway.publisher import KafkaJobPublisher
 from gateway.readiness import Readiness
@@ -78,6 +79,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def captionstream_error(request: Request, exc: CaptionstreamError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"detail": exc.detail})
 
+    # Outermost last: metrics also count the 413s of the body limit.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+    )
     app.add_middleware(HttpMetricsMiddleware)
     app.include_router(jobs.router)
     app.include_router(health.router)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -328,3 +330,73 @@ def test_bad_url_submissions(
     response = httpx.post(f"{limited.url}/api/v1/jobs", json=body, timeout=30)
     assert response.status_code == code, response.text
     assert needle in str(response.json()["detail"])
+
+
+# --- upload size limit, enforced while the body streams --------------------------------
+
+TWENTY_MIB = 20 * 1024 * 1024
+
+
+def raw_post(
+    gateway: Gateway, head: list[str], body: list[bytes], timeout_s: float = 10
+) -> tuple[bytes, int]:
+    """POST over a plain socket like a client that watches for an early answer: send
+    `head`, then `body` piece by piece, stopping as soon as the server answers; read
+    until it closes (the 413 closes the connection). Returns (answer, pieces sent)."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    request_head = "\r\n".join(["POST /api/v1/upload HTTP/1.1", f"Host: {host}", *head])
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(f"{request_head}\r\n\r\n".encode())
+        sent = 0
+        for piece in body:
+            if select.select([sock], [], [], 0.2)[0]:
+                break  # the server answered early
+            sock.sendall(piece)
+            sent += 1
+        answer = b""
+        while part := sock.recv(65536):
+            answer += part
+        return answer, sent
+
+
+def test_oversized_upload_is_refused_with_413(limited: Gateway) -> None:
+    response = limited.upload(os.urandom(TWENTY_MIB), "huge.png")
+    assert response.status_code == 413, response.text
+    assert "limit is" in response.json()["detail"]
+    assert limited.healthy()
+
+
+def test_declared_oversized_body_is_refused_before_it_is_sent(limited: Gateway) -> None:
+    """Content-Length says 20 MiB: the answer comes without a single body byte sent."""
+    started = time.monotonic()
+    answer, _ = raw_post(
+        limited,
+        [f"Content-Length: {TWENTY_MIB}", "Content-Type: multipart/form-data; boundary=xyz"],
+        [],
+    )
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b'"detail"' in answer
+    assert f"the limit is {SMALL_LIMIT + 64 * 1024} bytes".encode() in answer
+    assert time.monotonic() - started < 5
+
+
+def test_chunked_oversized_body_is_refused_while_streaming(limited: Gateway) -> None:
+    """No Content-Length: the body is counted as it arrives and refused once past the
+    limit, although it never ends (no final chunk is ever sent)."""
+    boundary = "xyz"
+    part_head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    chunk = b"\0" * 65536
+    pieces = [b"%x\r\n%s\r\n" % (len(part_head), part_head)]
+    pieces += [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 320  # 20 MiB, and no final chunk
+    answer, sent = raw_post(
+        limited,
+        ["Transfer-Encoding: chunked", f"Content-Type: multipart/form-data; boundary={boundary}"],
+        pieces,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"request body passed" in answer
+    assert sent < 10, f"answered after {sent} of {len(pieces)} pieces, not at the end"
+    assert limited.healthy()
