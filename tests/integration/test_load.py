@@ -103,6 +103,7 @@ async def one_round(stack: Stack, gateway: Gateway, salt: int) -> dict[str, floa
     return latencies
 
 
+@pytest.mark.timeout(900)
 async def test_load_nothing_lost_and_memory_flat(load_stack: Stack) -> None:
     worker = load_stack.start_worker()
     gateway = load_stack.start_gateway()
