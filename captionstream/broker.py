@@ -83,6 +83,10 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 

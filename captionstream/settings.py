@@ -113,6 +113,9 @@ class IngestSettings(CommonSettings):
 class GatewaySettings(IngestSettings):
     host: str = "127.0.0.1"
     port: int = 8000
+    kafka_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long a submit waits for Kafka before a 503."
+    )
     view_catch_up_timeout_s: float = Field(
         default=30.0, description="How long startup waits to rebuild the job view."
     )

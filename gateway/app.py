@@ -36,6 +36,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap,
             acks="all",
+            # A submit waits at most this long for Kafka before answering 503.
+            request_timeout_ms=int(settings.kafka_timeout_s * 1000),
             **tuning_for(settings.profile).aiokafka_producer_kwargs(),
         )
         await producer.start()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from schemas.events import ImageSubmitted, JobState
 from schemas.topics import TOPICS
+
+log = logging.getLogger(__name__)
 
 
 class KafkaJobPublisher:
@@ -14,10 +19,16 @@ class KafkaJobPublisher:
 
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
         key = event.job_id.encode()
-        # PENDING first: on the shared partition it precedes anything the processor writes.
-        await self.producer.send_and_wait(
-            TOPICS.job_state.name, state.model_dump_json().encode(), key=key
-        )
+        # The image event is the point of acceptance: if it fails, nothing was published
+        # and the caller answers 503. The PENDING state only makes the job visible to
+        # other gateway replicas before the processor reports on it; losing it loses no
+        # job, and the view never lets PENDING replace a later state.
         await self.producer.send_and_wait(
             TOPICS.images.name, event.model_dump_json().encode(), key=key
         )
+        try:
+            await self.producer.send_and_wait(
+                TOPICS.job_state.name, state.model_dump_json().encode(), key=key
+            )
+        except KafkaError as exc:
+            log.warning("job %s accepted; its PENDING state was not published: %r", key, exc)

@@ -26,9 +26,13 @@ def supersedes(new: JobState, old: JobState | None) -> bool:
     """Whether `new` should replace `old` in the view.
 
     The log order of one job's partition is authoritative, except that the first terminal
-    state is final: a redelivered job can never replace its result or reopen it.
+    state is final (a redelivered job can never replace its result or reopen it), and
+    PENDING never replaces anything (the gateway writes it after the image event, so a
+    fast processor's STARTED can precede it).
     """
-    return old is None or not old.status.terminal
+    if old is None:
+        return True
+    return not old.status.terminal and new.status is not JobStatus.PENDING
 
 
 class JobView:

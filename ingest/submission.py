@@ -16,7 +16,8 @@ from schemas.events import GenerationOptions, ImageSubmitted, JobState, utcnow
 
 class JobPublisher(Protocol):
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
-        """Durably record the PENDING state, then the image event (in that order)."""
+        """Publish the image event (raising if it fails: the job was not accepted), then
+        make the PENDING state visible to every gateway (best effort)."""
         ...
 
 

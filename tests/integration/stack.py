@@ -102,9 +102,10 @@ class Stack:
         assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
         return worker
 
-    def start_gateway(self, timeout_s: float = 60) -> Gateway:
+    def start_gateway(self, timeout_s: float = 60, **env: str) -> Gateway:
+        """A gateway on a free port; `env` adds settings for this gateway only."""
         port = free_port()
-        component = self.spawn("gateway", CAPTIONSTREAM_PORT=str(port))
+        component = self.spawn("gateway", CAPTIONSTREAM_PORT=str(port), **env)
         gateway = Gateway(f"http://127.0.0.1:{port}", component)
         wait_until(
             lambda: gateway.healthy() or not component.alive(),

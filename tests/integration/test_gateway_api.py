@@ -29,20 +29,6 @@ from tests.integration.stack import Component, Gateway, Stack, read_topic, wait_
 SMALL_LIMIT = 100_000  # CAPTIONSTREAM_MAX_UPLOAD_BYTES of the `limited` gateway
 
 
-def start_gateway(stack: Stack, timeout_s: float = 60, **env: str) -> Gateway:
-    """`Stack.start_gateway` with extra environment for this gateway only."""
-    port = free_port()
-    component = stack.spawn("gateway", CAPTIONSTREAM_PORT=str(port), **env)
-    gateway = Gateway(f"http://127.0.0.1:{port}", component)
-    wait_until(
-        lambda: gateway.healthy() or not component.alive(),
-        timeout_s,
-        "the gateway to answer /healthz",
-    )
-    assert component.alive(), f"gateway died:\n{component.log()[-3000:]}"
-    return gateway
-
-
 def readyz(gateway: Gateway, timeout_s: float = 10) -> httpx.Response:
     return httpx.get(f"{gateway.url}/readyz", timeout=timeout_s)
 
@@ -70,15 +56,14 @@ def test_readyz_follows_the_broker(stack: Stack, tmp_path: Path) -> None:
     unready, naming the broker, within the probe timeout; liveness is unaffected."""
     broker = EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log").start()
     try:
-        gateway = start_gateway(
-            stack,
+        gateway = stack.start_gateway(
             CAPTIONSTREAM_KAFKA_BOOTSTRAP=broker.bootstrap,
             CAPTIONSTREAM_READINESS_TIMEOUT_S="1",
         )
         wait_until(lambda: readyz(gateway).status_code == 200, 30, "the gateway to be ready")
 
-        assert broker._proc is not None  # the test's own broker process
-        pid = broker._proc.pid
+        assert broker.pid is not None  # the test's own broker process
+        pid = broker.pid
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -213,8 +198,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def limited(stack: Stack) -> Gateway:
     """A gateway that may fetch from 127.0.0.1 and accepts at most SMALL_LIMIT bytes."""
-    return start_gateway(
-        stack,
+    return stack.start_gateway(
         CAPTIONSTREAM_FETCH_ALLOW_HOSTS="127.0.0.1",
         CAPTIONSTREAM_MAX_UPLOAD_BYTES=str(SMALL_LIMIT),
     )

@@ -133,3 +133,15 @@ async def test_unsubscribes_on_exception_and_keeps_other_subscribers() -> None:
         assert leaver.empty()
         assert keeper.qsize() == 1
     assert "job-1" not in view._subscribers
+
+
+def test_pending_published_late_never_replaces_progress() -> None:
+    """The gateway writes PENDING after the image event, so the processor's STARTED can
+    land first: PENDING must not take the job back."""
+    view = JobView()
+    view.apply(started())
+    assert view.apply(pending()) is False
+    state = view.get("job-1")
+    assert state is not None
+    assert state.status is JobStatus.STARTED
+    assert view.apply(success()) is True
