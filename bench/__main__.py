@@ -28,10 +28,9 @@ from bench import bare, pipeline
 from bench.images import decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
 from bench.stats import BarePoint, PipelineRun, Report, best_point
-from bench.system import machine_description
+from bench.system import DISTURBED_CORES, machine_description
 
 ROOT = Path(__file__).resolve().parent
-DISTURBED_CORES = 0.25  # other processes using more than this: say so in the report
 
 _started = time.monotonic()
 
@@ -116,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model and run files (default $CAPTIONSTREAM_DATA_DIR/bench, else bench/.cache)",
     )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a bare point again when other processes used more than "
+        f"{DISTURBED_CORES} cores meanwhile, up to this many times (2)",
+    )
+    p.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=60,
+        help="before a retry and before the pipeline run, wait up to this long "
+        "for other processes to go quiet (60)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the pipeline run dir and logs")
     p.add_argument("--note", action="append", default=[], help="add a note to the report")
     return p
@@ -179,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 images=images,
                 new_tokens=args.new_tokens,
                 progress=progress,
+                retries=args.retries,
+                quiet_wait_s=args.quiet_wait_s,
             )
 
     run: PipelineRun | None = None
@@ -222,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             new_tokens=args.new_tokens,
             keep=args.keep,
             progress=progress,
+            quiet_wait_s=args.quiet_wait_s,
         )
         progress(f"pipeline: {run.images_per_s:.2f} images/s")
         notes.append(

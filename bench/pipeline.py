@@ -27,7 +27,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.stats import PipelineRun, group_batches
-from bench.system import CpuMeter
+from bench.system import DISTURBED_CORES, CpuMeter, wait_for_quiet
 from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import CaptionFailed, CaptionProduced, decode_caption_event
 from schemas.topics import TOPICS
@@ -263,6 +263,7 @@ async def _drive(
     timed: Sequence[bytes],
     in_flight: int,
     progress: Progress,
+    quiet_wait_s: float,
 ) -> tuple[float, list[JobResult], float | None]:
     waiter = CaptionWaiter(stack.broker.bootstrap)
     await waiter.start()
@@ -272,6 +273,14 @@ async def _drive(
                 t0 = time.monotonic()
                 await closed_loop(http, waiter, warmup, len(warmup), 600, lambda r: None)
                 progress(f"pipeline: warm-up {len(warmup)} images {time.monotonic() - t0:.1f} s")
+            if quiet_wait_s > 0:
+                await asyncio.to_thread(
+                    wait_for_quiet,
+                    DISTURBED_CORES,
+                    timeout_s=quiet_wait_s,
+                    pids=stack.pids,
+                    progress=progress,
+                )
             done = 0
             start = time.monotonic()
 
@@ -315,6 +324,7 @@ def measure(
     new_tokens: int,
     keep: bool,
     progress: Progress,
+    quiet_wait_s: float = 0,
 ) -> tuple[PipelineRun, str]:
     """Run the stack and the load; returns the result and the worker's model log line."""
     with running_stack(
@@ -328,7 +338,9 @@ def measure(
         keep=keep,
         progress=progress,
     ) as stack:
-        wall, results, other = asyncio.run(_drive(stack, warmup, timed, in_flight, progress))
+        wall, results, other = asyncio.run(
+            _drive(stack, warmup, timed, in_flight, progress, quiet_wait_s)
+        )
         loaded = next(
             (line for line in stack.worker.log().splitlines() if "loaded model" in line), ""
         )

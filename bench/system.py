@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+# Other processes using more than this many cores during a measurement: it is disturbed.
+DISTURBED_CORES = 0.25
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -92,6 +95,30 @@ class CpuMeter:
             return None
         others = (end.machine - self._start.machine) - (end.ours - self._start.ours)
         return max(0.0, others / _TICKS / (end.at - self._start.at))
+
+
+def wait_for_quiet(
+    threshold: float,
+    *,
+    timeout_s: float,
+    window_s: float = 3.0,
+    pids: Iterable[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> float | None:
+    """Wait until other processes use at most `threshold` cores over a `window_s` window,
+    or `timeout_s` passed. Returns the last window's other load (None: cannot tell)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meter = CpuMeter(pids)
+        meter.start()
+        time.sleep(window_s)
+        other = meter.stop()
+        if other is None or other <= threshold:
+            return other
+        if time.monotonic() >= deadline:
+            if progress is not None:
+                progress(f"still busy after {timeout_s:.0f} s ({other:.2f} cores); going on")
+            return other
 
 
 def machine_description(device: str) -> dict[str, str]:
