@@ -144,6 +144,10 @@ class ProcessorSettings(CommonSettings):
     max_batch_wait_s: float = Field(default=0.05, ge=0)
     max_new_tokens: int = Field(default=30, ge=1, le=200)
     num_beams: int = Field(default=1, ge=1, le=8)
+    metrics_port: int | None = Field(
+        default=None, description="Serve /healthz, /readyz and /metrics here (off if unset)."
+    )
+    metrics_host: str = "127.0.0.1"
     group_id: str = "captionstream-processor"
     max_attempts: int = Field(default=3, ge=1, description="Attempts for a transient failure.")
     retry_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay.")

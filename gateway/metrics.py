@@ -22,12 +22,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from captionstream.observability import END_TO_END_BUCKETS
 from gateway.view import JobView
 from schemas.events import JobState, utcnow
-
-# Submission to terminal state: from tens of milliseconds (tiny model, idle) to minutes
-# (queued behind a backlog, retries with backoff).
-END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 UNMATCHED_ROUTE = (
     "<unmatched>"  # one label for every path no route matched (no cardinality blow-up)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from captionstream.kafka import tuning_for
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.captioner import Captioner
+from processor.observability import ProcessorMetrics
 from processor.pipeline import (
     CaptionOutcome,
     Delivery,
@@ -81,11 +83,13 @@ class TopicSink:
         job_state: faust.TopicT,
         retries: faust.TopicT,
         dead_letters: faust.TopicT,
+        on_dead_letter: Callable[[], object] = lambda: None,
     ) -> None:
         self.captions = captions
         self.job_state = job_state
         self.retries = retries
         self.dead_letters = dead_letters
+        self.on_dead_letter = on_dead_letter
 
     async def _send(
         self,
@@ -115,6 +119,7 @@ class TopicSink:
             Headers.FAILED_AT: utcnow().isoformat().encode(),
         }
         await self._send(self.dead_letters, delivery.key, delivery.value, headers)
+        self.on_dead_letter()
 
 
 def seconds_until_due(headers: dict[str, bytes], now: datetime) -> float:
@@ -131,6 +136,7 @@ def seconds_until_due(headers: dict[str, bytes], now: datetime) -> float:
 class ProcessorApp:
     app: faust.App
     images: faust.TopicT
+    metrics: ProcessorMetrics
 
 
 def create_app(
@@ -144,7 +150,10 @@ def create_app(
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
-        web_enabled=False,
+        # Faust's web server carries /healthz, /readyz and /metrics, when a port is set.
+        web_enabled=settings.metrics_port is not None,
+        web_port=settings.metrics_port or 6066,
+        web_bind=settings.metrics_host,
         # Keys are job ids as plain UTF-8 and values our own JSON, on topics and the table
         # alike: Faust's key encoding can never route a job differently than the gateway.
         key_serializer="raw",
@@ -162,6 +171,7 @@ def create_app(
             partitions=settings.partitions,
         )
 
+    metrics = ProcessorMetrics()
     images = raw_topic(TOPICS.images.name)
     retries = raw_topic(TOPICS.retries.name)
     sink = TopicSink(
@@ -169,6 +179,7 @@ def create_app(
         job_state=raw_topic(TOPICS.job_state.name),
         retries=retries,
         dead_letters=raw_topic(TOPICS.dead_letters.name),
+        on_dead_letter=metrics.dead_letters.inc,
     )
     policy = RetryPolicy(
         settings.max_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
@@ -192,8 +203,9 @@ def create_app(
     )
 
     async def run_captioning(batch: list[ImageSubmitted]) -> list[CaptionOutcome]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, caption, batch)
+        metrics.batch_size.observe(len(batch))
+        with metrics.inference_seconds.time():
+            return await asyncio.get_running_loop().run_in_executor(executor, caption, batch)
 
     @app.agent(images)
     async def caption_images(stream: Any) -> None:
@@ -204,13 +216,14 @@ def create_app(
             deliveries = [
                 Delivery(value=event.value, origin=event, key=event.key) for event in events
             ]
-            await handle_batch(
+            finals = await handle_batch(
                 deliveries,
                 store=store,
                 sink=sink,
                 run_captioning=run_captioning,
                 policy=policy,
             )
+            metrics.observe_finals(finals)
 
     @app.agent(retries)
     async def release_retries(stream: Any) -> None:
@@ -226,4 +239,45 @@ def create_app(
             fut = await images.send(key=event.key, value=event.value)
             await fut
 
-    return ProcessorApp(app=app, images=images)
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
+    async def measure_lag(*_: Any) -> None:  # Faust passes the app to timers
+        for tp in app.consumer.assignment():
+            if tp.topic == TOPICS.images.name:
+                position = await app.consumer.position(tp)
+                if position is not None:
+                    lag = max(0, app.consumer.highwater(tp) - position)
+                    metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+
+    started = asyncio.Event()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def mark_started() -> None:
+        started.set()
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        """Ready: model loaded (before the app exists), worker started, not rebalancing
+        and not restoring tables."""
+        checks = {
+            "model": captioner.name,
+            "started": started.is_set(),
+            "rebalancing": bool(app.rebalancing),
+            "recovering": bool(getattr(app, "in_recovery", False)),
+        }
+        ready = checks["started"] and not checks["rebalancing"] and not checks["recovering"]
+        if ready:
+            return web.json({"status": "ready", "checks": checks})
+        return web.json({"detail": "not ready", "checks": checks}, status=503)
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        body, content_type = metrics.exposition()
+        # aiohttp sets the charset itself and refuses one inside content_type.
+        params = [p for p in content_type.split(";") if "charset" not in p]
+        return web.bytes(body, content_type=";".join(params).strip())
+
+    return ProcessorApp(app=app, images=images, metrics=metrics)

@@ -38,6 +38,7 @@ class Component:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    url: str | None = None  # its HTTP endpoint, when it has one
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -92,8 +93,11 @@ class Stack:
         self.components.append(component)
         return component
 
-    def start_worker(self, timeout_s: float = 60) -> Component:
-        worker = self.spawn("worker")
+    def start_worker(self, timeout_s: float = 60, **env: str) -> Component:
+        """A worker serving /healthz, /readyz and /metrics on a free port (`.url`)."""
+        port = free_port()
+        worker = self.spawn("worker", CAPTIONSTREAM_METRICS_PORT=str(port), **env)
+        worker.url = f"http://127.0.0.1:{port}"
         wait_until(
             lambda: "[^Worker]: Ready" in worker.log() or not worker.alive(),
             timeout_s,

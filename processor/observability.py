@@ -1,0 +1,76 @@
+"""The processor's Prometheus metrics and its /healthz, /readyz and /metrics pages.
+
+Pages are served by Faust's own web server, on CAPTIONSTREAM_METRICS_PORT (off when
+unset, so several workers on one host need no port planning unless scraped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from captionstream.observability import END_TO_END_BUCKETS
+from schemas.events import JobState
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+INFERENCE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ProcessorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.batch_size = Histogram(
+            "captionstream_processor_batch_size",
+            "Jobs per micro-batch handed to the captioner.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "captionstream_processor_inference_seconds",
+            "Wall time to decode and caption one micro-batch.",
+            buckets=INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "captionstream_processor_jobs",
+            "Jobs leaving a processing attempt, by the status they left in.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "captionstream_processor_end_to_end_seconds",
+            "Submission to terminal state, for jobs finished by this worker.",
+            buckets=END_TO_END_BUCKETS,
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "captionstream_processor_dead_letters",
+            "Messages sent to the dead-letter topic.",
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "captionstream_processor_consumer_lag",
+            "Image events not yet read, per assigned partition of the images topic.",
+            ["partition"],
+            registry=self.registry,
+        )
+
+    def observe_finals(self, finals: Sequence[JobState]) -> None:
+        for state in finals:
+            self.jobs.labels(state.status.value).inc()
+            if state.status.terminal and state.finished_at is not None:
+                seconds = (state.finished_at - state.submitted_at).total_seconds()
+                self.end_to_end_seconds.observe(max(0.0, seconds))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
