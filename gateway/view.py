@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -76,6 +76,20 @@ class JobView:
                 except Exception:  # an observer must never break the view
                     log.exception("terminal-state listener %r failed", listener)
         return True
+
+    async def follow(self, job_id: str) -> AsyncIterator[JobState]:
+        """The job's current state, then every change, ending after a terminal state.
+
+        Subscribes before reading the current state, so no change can slip between.
+        Yields nothing for an unknown job.
+        """
+        with self.subscribe(job_id) as changes:
+            state = self.get(job_id)
+            while state is not None:
+                yield state
+                if state.status.terminal:
+                    return
+                state = await changes.get()
 
     @contextlib.contextmanager
     def subscribe(self, job_id: str):  # type: ignore[no-untyped-def]

@@ -1,13 +1,17 @@
-"""Jobs: submit an image (upload or URL), read a job's status, follow it over a WebSocket."""
+"""Jobs: submit an image (upload or URL), read a job's status, and follow jobs over a
+WebSocket (one job or many) or Server-Sent Events."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated
+import json
+from collections.abc import AsyncIterator, Coroutine
+from typing import Annotated, Any
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, WebSocket, status
+from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
 from captionstream.errors import BrokerError, ImageTooLarge
@@ -157,45 +161,114 @@ async def job_status(job_id: str, view: ViewDep) -> JobStatusResponse:
     return JobStatusResponse.from_state(_known(view, job_id))
 
 
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        404: {"model": ErrorResponse},
+    },
+    summary="Follow a job with Server-Sent Events (for clients without WebSockets)",
+)
+async def job_events(job_id: str, view: ViewDep) -> StreamingResponse:
+    """One `status` event with the current state, one per change, then the stream ends
+    after the terminal state."""
+    _known(view, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        async for state in view.follow(job_id):
+            body = JobStatusResponse.from_state(state).model_dump_json()
+            yield f"event: status\nid: {state.updated_at.isoformat()}\ndata: {body}\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
 @router.websocket("/ws/{job_id}")
 async def follow_job(
     websocket: WebSocket, job_id: str, view: WsViewDep, metrics: WsMetricsDep
 ) -> None:
     """Send the job's current state, then every change; close after the terminal one."""
     with metrics.websockets_open.track_inprogress():
-        await _follow(websocket, job_id, view)
-
-
-async def _follow(websocket: WebSocket, job_id: str, view: JobView) -> None:
-    await websocket.accept()
-    with view.subscribe(job_id) as changes:
-        state = view.get(job_id)
-        if state is None:
+        await websocket.accept()
+        if view.get(job_id) is None:
             await websocket.send_json({"detail": f"job {job_id!r} not found"})
             await websocket.close(code=4404)
             return
-        # Waiting only for job changes would never notice a client that left while its
-        # job stays pending: the handler (and its subscription) would live on forever.
-        gone = asyncio.create_task(_client_gone(websocket), name=f"ws-{job_id}-receive")
+        await _until_client_gone(websocket, _forward(websocket, view.follow(job_id)))
+        await _close_quietly(websocket)
+
+
+@router.websocket("/ws")
+async def follow_jobs(websocket: WebSocket, view: WsViewDep, metrics: WsMetricsDep) -> None:
+    """One socket for many jobs: send `{"follow": [job ids]}` (any number of times);
+    every state of every followed job arrives as a status message naming its job_id. An
+    unknown id gets `{"job_id": ..., "detail": "job ... not found"}`. The socket stays
+    open until the client closes it."""
+    with metrics.websockets_open.track_inprogress():
+        await websocket.accept()
+        followers: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                await websocket.send_text(JobStatusResponse.from_state(state).model_dump_json())
-                if state.status.terminal:
-                    break
-                change = asyncio.ensure_future(changes.get())
-                await asyncio.wait({change, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not change.done():
-                    change.cancel()
-                    return  # the client went away
-                state = change.result()
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-            await websocket.close()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                for job_id in _follow_request(message.get("text")):
+                    if job_id in followers:
+                        continue
+                    if view.get(job_id) is None:
+                        await websocket.send_json(
+                            {"job_id": job_id, "detail": f"job {job_id!r} not found"}
+                        )
+                        continue
+                    followers[job_id] = asyncio.create_task(
+                        _forward(websocket, view.follow(job_id)), name=f"ws-follow-{job_id}"
+                    )
         except WebSocketDisconnect:
-            pass
+            return
         finally:
-            gone.cancel()
+            for task in followers.values():
+                task.cancel()
+
+
+def _follow_request(text: str | None) -> list[str]:
+    try:
+        body = json.loads(text or "")
+    except ValueError:
+        return []
+    ids = body.get("follow") if isinstance(body, dict) else None
+    if not isinstance(ids, list):
+        return []
+    return [i for i in ids if isinstance(i, str) and 0 < len(i) <= 200]
+
+
+async def _forward(websocket: WebSocket, states: AsyncIterator[JobState]) -> None:
+    async for state in states:
+        await websocket.send_text(JobStatusResponse.from_state(state).model_dump_json())
+
+
+async def _until_client_gone(websocket: WebSocket, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`, but stop it as soon as the client disconnects.
+
+    Waiting only for job changes would never notice a client that left while its job
+    stays pending: the handler (and its subscription) would live on forever.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.create_task(_client_gone(websocket))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, gone):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                await pending
+
+
+async def _close_quietly(websocket: WebSocket) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.close()
 
 
 async def _client_gone(websocket: WebSocket) -> None:
