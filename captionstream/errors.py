@@ -97,3 +97,9 @@ class FetchTimeout(FetchError):
     """The upstream did not answer, or not completely, in time."""
 
     http_status = 504
+
+
+class IdempotencyConflict(CaptionstreamError):
+    """An Idempotency-Key reused for a different request."""
+
+    http_status = 409

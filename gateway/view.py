@@ -46,6 +46,8 @@ class JobView:
         self._jobs: dict[str, JobState] = {}
         self._subscribers: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
         self._by_status: Counter[JobStatus] = Counter()
+        self._by_idempotency_key: dict[str, str] = {}  # key -> job id (first job wins)
+        self._key_locks: dict[str, asyncio.Lock] = {}
         self.terminal_listeners: list[Callable[[JobState], None]] = []
 
     def __len__(self) -> int:
@@ -53,6 +55,22 @@ class JobView:
 
     def get(self, job_id: str) -> JobState | None:
         return self._jobs.get(job_id)
+
+    def find_by_idempotency_key(self, key: str) -> JobState | None:
+        job_id = self._by_idempotency_key.get(key)
+        return None if job_id is None else self._jobs.get(job_id)
+
+    @contextlib.asynccontextmanager
+    async def idempotency_lock(self, key: str) -> AsyncIterator[None]:
+        """Serialize requests with the same Idempotency-Key on this replica, so that
+        concurrent retries cannot both create a job."""
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._key_locks.get(key) is lock:
+                del self._key_locks[key]
 
     def count_by_status(self) -> dict[JobStatus, int]:
         """How many jobs the view holds in each status (every status, zeros included)."""
@@ -64,6 +82,8 @@ class JobView:
         if state == old or not supersedes(state, old):
             return False
         self._jobs[state.job_id] = state
+        if state.idempotency_key is not None:
+            self._by_idempotency_key.setdefault(state.idempotency_key, state.job_id)
         if old is not None:
             self._by_status[old.status] -= 1
         self._by_status[state.status] += 1

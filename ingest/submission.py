@@ -33,6 +33,8 @@ async def submit_image(
     blobs: BlobStore,
     publisher: JobPublisher,
     options: GenerationOptions | None = None,
+    idempotency_key: str | None = None,
+    request_digest: str | None = None,
 ) -> tuple[JobState, ImageSubmitted]:
     """Accept one image as a job. Raises `ImageRejected` for bad input, before any I/O."""
     image = await validate_image(data, filename, limits)
@@ -48,7 +50,9 @@ async def submit_image(
         sha256=image.sha256,
         submitted_at=submitted_at,
         options=options or GenerationOptions(),
+        idempotency_key=idempotency_key,
+        request_digest=request_digest,
     )
-    state = JobState.pending(event.job_id, submitted_at)
+    state = JobState.submitted(event)
     await publisher.publish_submission(state, event)
     return state, event

@@ -217,7 +217,7 @@ async def handle_batch(
             log.info("job %s already handled; skipping redelivery", job.job_id)
             continue
         seen.add(job.job_id)
-        started = (current or JobState.pending(job.job_id, job.submitted_at)).advance(
+        started = (current or JobState.submitted(job)).advance(
             JobStatus.STARTED, error=None
         )
         store.put(started, delivery.origin)

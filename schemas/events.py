@@ -67,6 +67,12 @@ class ImageSubmitted(_Event):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     submitted_at: datetime
     options: GenerationOptions = GenerationOptions()
+    idempotency_key: str | None = Field(
+        default=None, max_length=200, description="The client's Idempotency-Key, if any."
+    )
+    request_digest: str | None = Field(
+        default=None, description="Digest of the request that created the job."
+    )
 
 
 class CaptionProduced(_Event):
@@ -123,6 +129,8 @@ class JobState(_Event):
     finished_at: datetime | None = None
     caption: str | None = None
     error: str | None = None
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    request_digest: str | None = None
 
     def advance(self, status: JobStatus, **changes: object) -> JobState:
         now = utcnow()
@@ -141,6 +149,17 @@ class JobState(_Event):
             status=JobStatus.PENDING,
             submitted_at=submitted_at,
             updated_at=submitted_at,
+        )
+
+    @classmethod
+    def submitted(cls, event: ImageSubmitted) -> JobState:
+        """The PENDING state of the job `event` creates. Every later state keeps the
+        idempotency key, so it survives compaction of the job-state topic."""
+        return cls.pending(event.job_id, event.submitted_at).model_copy(
+            update={
+                "idempotency_key": event.idempotency_key,
+                "request_digest": event.request_digest,
+            }
         )
 
 

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator, Coroutine
 from typing import Annotated, Any
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Form, HTTPException, Response, UploadFile, WebSocket, status
+from fastapi import (
+    APIRouter,
+    Form,
+    Header,
+    HTTPException,
+    Response,
+    UploadFile,
+    WebSocket,
+    status,
+)
 from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
-from captionstream.errors import BrokerError, ImageTooLarge
+from captionstream.errors import BrokerError, IdempotencyConflict, ImageTooLarge
 from gateway.deps import (
     BlobsDep,
     FetcherDep,
@@ -39,11 +49,53 @@ from schemas.events import GenerationOptions, JobState
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 415, 503)
+    code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 503)
 }
 _FETCH_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 415, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 502, 503, 504)
 }
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=200,
+        description="Retrying with the same key returns the job the first request created.",
+    ),
+]
+
+
+def request_digest(kind: str, body: bytes, options: GenerationOptions) -> str:
+    """What an idempotent retry must repeat: the same kind of submission, the same image
+    bytes (or URL) and the same options."""
+    digest = hashlib.sha256(kind.encode() + b"\0" + body + b"\0")
+    digest.update(options.model_dump_json().encode())
+    return digest.hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def _idempotent(
+    view: JobView, key: str | None, digest: str, response: Response
+) -> AsyncIterator[JobAccepted | None]:
+    """Yield the job an earlier request with `key` created (a replay), or None: then
+    the caller creates the job while holding the key's lock."""
+    if key is None:
+        yield None
+        return
+    async with view.idempotency_lock(key):
+        earlier = view.find_by_idempotency_key(key)
+        if earlier is None:
+            yield None
+            return
+        if earlier.request_digest != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was already used for a different request"
+            )
+        response.headers["Idempotent-Replayed"] = "true"
+        response.headers["Location"] = f"{router.prefix}/status/{earlier.job_id}"
+        yield JobAccepted(
+            job_id=earlier.job_id, status=earlier.status, submitted_at=earlier.submitted_at
+        )
 
 
 async def _accept(
@@ -52,6 +104,7 @@ async def _accept(
     options: GenerationOptions,
     source: str,
     *,
+    idempotency: tuple[str | None, str] = (None, ""),
     response: Response,
     view: JobView,
     publisher: KafkaJobPublisher,
@@ -61,8 +114,16 @@ async def _accept(
 ) -> JobAccepted:
     """validate -> store -> publish, the same for every way an image arrives."""
     try:
+        key, digest = idempotency
         state, _ = await submit_image(
-            data, filename, limits=limits, blobs=blobs, publisher=publisher, options=options
+            data,
+            filename,
+            limits=limits,
+            blobs=blobs,
+            publisher=publisher,
+            options=options,
+            idempotency_key=key,
+            request_digest=digest if key else None,
         )
     except KafkaError as exc:
         raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
@@ -88,25 +149,34 @@ async def upload(
     blobs: BlobsDep,
     limits: LimitsDep,
     metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """Optional form fields `max_new_tokens`, `num_beams`, `prompt` set the job's
-    generation options (as in `POST /api/v1/jobs`)."""
+    generation options (as in `POST /api/v1/jobs`). With an `Idempotency-Key` header, a
+    retry returns the job the first request created (header `Idempotent-Replayed`), and
+    the same key with a different request is a 409."""
     # Read one byte past the limit: enough to know it is too large, never the whole body.
     data = await file.read(limits.max_bytes + 1)
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image exceeds the limit of {limits.max_bytes} bytes")
-    return await _accept(
-        data,
-        file.filename,
-        options.generation_options(),
-        "upload",
-        response=response,
-        view=view,
-        publisher=publisher,
-        blobs=blobs,
-        limits=limits,
-        metrics=metrics,
-    )
+    generation = options.generation_options()
+    digest = request_digest("upload", data, generation)
+    async with _idempotent(view, idempotency_key, digest, response) as replay:
+        if replay is not None:
+            return replay
+        return await _accept(
+            data,
+            file.filename,
+            generation,
+            "upload",
+            idempotency=(idempotency_key, digest),
+            response=response,
+            view=view,
+            publisher=publisher,
+            blobs=blobs,
+            limits=limits,
+            metrics=metrics,
+        )
 
 
 @router.post(
@@ -125,23 +195,30 @@ async def submit_by_url(
     blobs: BlobsDep,
     limits: LimitsDep,
     metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """The gateway fetches `image_url` (http/https, public addresses only, at most 3
     redirects, the upload size limit) and accepts it like an upload: 400 for a URL it
-    will not fetch, 413/415 for the content, 502/504 when the upstream fails."""
-    data = await fetcher.fetch(body.image_url)
-    return await _accept(
-        data,
-        None,  # a URL path is no file name: the content alone decides
-        body.options,
-        "url",
-        response=response,
-        view=view,
-        publisher=publisher,
-        blobs=blobs,
-        limits=limits,
-        metrics=metrics,
-    )
+    will not fetch, 413/415 for the content, 502/504 when the upstream fails.
+    `Idempotency-Key` works as for uploads (a replay does not fetch again)."""
+    digest = request_digest("url", body.image_url.encode(), body.options)
+    async with _idempotent(view, idempotency_key, digest, response) as replay:
+        if replay is not None:
+            return replay
+        data = await fetcher.fetch(body.image_url)
+        return await _accept(
+            data,
+            None,  # a URL path is no file name: the content alone decides
+            body.options,
+            "url",
+            idempotency=(idempotency_key, digest),
+            response=response,
+            view=view,
+            publisher=publisher,
+            blobs=blobs,
+            limits=limits,
+            metrics=metrics,
+        )
 
 
 def _known(view: ViewDep, job_id: str) -> JobState:
