@@ -17,7 +17,7 @@ from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from gateway.publisher import KafkaJobPublisher
 from gateway.readiness import Readiness
-from gateway.routes import health, jobs, metrics
+from gateway.routes import demo, health, jobs, metrics
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import FetchPolicy, ImageFetcher
@@ -90,4 +90,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(demo.router)  # the demo page at / and /demo
     return app
