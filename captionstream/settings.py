@@ -78,6 +78,11 @@ class IngestSettings(CommonSettings):
 
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=200_000_000, ge=1)
+    caption_cache: bool = Field(
+        default=True,
+        description="Answer a submit whose image content and options were captioned "
+        "before from that result, without running the model.",
+    )
     # Fetching images by URL (`POST /api/v1/jobs`); the byte cap is max_upload_bytes.
     fetch_connect_timeout_s: float = Field(default=5.0, gt=0)
     fetch_read_timeout_s: float = Field(default=10.0, gt=0, description="Between bytes.")

@@ -15,7 +15,7 @@ from captionstream.kafka import ensure_topics, tuning_for
 from captionstream.settings import GatewaySettings
 from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
-from gateway.publisher import KafkaJobPublisher
+from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.routes import demo, health, jobs, metrics
 from gateway.view import JobStateFollower, JobView
@@ -60,6 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.metrics = app_metrics
             app.state.follower = follower
             app.state.publisher = KafkaJobPublisher(producer)
+            app.state.cache = KafkaCaptionCache(view, producer) if settings.caption_cache else None
             app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
             app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.fetcher = fetcher

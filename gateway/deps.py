@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request, WebSocket
 
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import KafkaJobPublisher
+from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
@@ -25,6 +25,10 @@ def _ws_view(websocket: WebSocket) -> JobView:
 
 def _publisher(request: Request) -> KafkaJobPublisher:
     return request.app.state.publisher  # type: ignore[no-any-return]
+
+
+def _cache(request: Request) -> KafkaCaptionCache | None:
+    return request.app.state.cache  # type: ignore[no-any-return]
 
 
 def _blobs(request: Request) -> LocalBlobStore:
@@ -58,6 +62,7 @@ def _fetcher(request: Request) -> ImageFetcher:
 ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
+CacheDep = Annotated[KafkaCaptionCache | None, Depends(_cache)]
 BlobsDep = Annotated[LocalBlobStore, Depends(_blobs)]
 LimitsDep = Annotated[ImageLimits, Depends(_limits)]
 FollowerDep = Annotated[JobStateFollower, Depends(_follower)]

@@ -7,7 +7,8 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from schemas.events import ImageSubmitted, JobState
+from gateway.view import JobView
+from schemas.events import CaptionProduced, ImageSubmitted, JobState
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -32,3 +33,25 @@ class KafkaJobPublisher:
             )
         except KafkaError as exc:
             log.warning("job %s accepted; its PENDING state was not published: %r", key, exc)
+
+
+class KafkaCaptionCache:
+    """`CaptionCache` on the gateway's job view (which indexes SUCCESS states by cache
+    key) and its producer."""
+
+    def __init__(self, view: JobView, producer: AIOKafkaProducer) -> None:
+        self.view = view
+        self.producer = producer
+
+    def lookup(self, cache_key: str) -> JobState | None:
+        return self.view.find_cached(cache_key)
+
+    async def publish_hit(self, state: JobState, event: CaptionProduced) -> None:
+        key = state.job_id.encode()
+        # The caption event first, like the processor: a SUCCESS state always has one.
+        await self.producer.send_and_wait(
+            TOPICS.captions.name, event.model_dump_json().encode(), key=key
+        )
+        await self.producer.send_and_wait(
+            TOPICS.job_state.name, state.model_dump_json().encode(), key=key
+        )

@@ -47,6 +47,7 @@ class JobView:
         self._subscribers: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
         self._by_status: Counter[JobStatus] = Counter()
         self._by_idempotency_key: dict[str, str] = {}  # key -> job id (first job wins)
+        self._success_by_cache_key: dict[str, str] = {}  # cache key -> a SUCCESS job id
         self._key_locks: dict[str, asyncio.Lock] = {}
         self.terminal_listeners: list[Callable[[JobState], None]] = []
 
@@ -55,6 +56,11 @@ class JobView:
 
     def get(self, job_id: str) -> JobState | None:
         return self._jobs.get(job_id)
+
+    def find_cached(self, cache_key: str) -> JobState | None:
+        """A SUCCESS state for the same image content and options, if any."""
+        job_id = self._success_by_cache_key.get(cache_key)
+        return None if job_id is None else self._jobs.get(job_id)
 
     def find_by_idempotency_key(self, key: str) -> JobState | None:
         job_id = self._by_idempotency_key.get(key)
@@ -84,6 +90,8 @@ class JobView:
         self._jobs[state.job_id] = state
         if state.idempotency_key is not None:
             self._by_idempotency_key.setdefault(state.idempotency_key, state.job_id)
+        if state.status is JobStatus.SUCCESS and state.cache_key is not None:
+            self._success_by_cache_key.setdefault(state.cache_key, state.job_id)
         if old is not None:
             self._by_status[old.status] -= 1
         self._by_status[state.status] += 1

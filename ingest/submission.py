@@ -11,13 +11,33 @@ from typing import Protocol
 
 from ingest.blobstore import BlobStore
 from ingest.validation import ImageLimits, validate_image
-from schemas.events import GenerationOptions, ImageSubmitted, JobState, utcnow
+from schemas.events import (
+    CaptionProduced,
+    GenerationOptions,
+    ImageSubmitted,
+    JobState,
+    JobStatus,
+    caption_event_id,
+    utcnow,
+)
 
 
 class JobPublisher(Protocol):
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
         """Publish the image event (raising if it fails: the job was not accepted), then
         make the PENDING state visible to every gateway (best effort)."""
+        ...
+
+
+class CaptionCache(Protocol):
+    """Captions already made, by `caption_cache_key` (image content + options)."""
+
+    def lookup(self, cache_key: str) -> JobState | None:
+        """A SUCCESS state for the key, or None."""
+        ...
+
+    async def publish_hit(self, state: JobState, event: CaptionProduced) -> None:
+        """Record a job answered from the cache: its caption event and SUCCESS state."""
         ...
 
 
@@ -35,8 +55,13 @@ async def submit_image(
     options: GenerationOptions | None = None,
     idempotency_key: str | None = None,
     request_digest: str | None = None,
+    cache: CaptionCache | None = None,
 ) -> tuple[JobState, ImageSubmitted]:
-    """Accept one image as a job. Raises `ImageRejected` for bad input, before any I/O."""
+    """Accept one image as a job. Raises `ImageRejected` for bad input, before any I/O.
+
+    With a `cache` that knows the caption of the same content with the same options, the
+    job is answered at once (state SUCCESS, `cached_from` set) and the model never runs.
+    """
     image = await validate_image(data, filename, limits)
     ref = await blobs.put(image.data, image.sha256, image.extension)
     submitted_at = utcnow()
@@ -54,5 +79,27 @@ async def submit_image(
         request_digest=request_digest,
     )
     state = JobState.submitted(event)
+    if cache is not None and state.cache_key is not None:
+        hit = cache.lookup(state.cache_key)
+        if hit is not None and hit.caption is not None:
+            state = state.advance(
+                JobStatus.SUCCESS, caption=hit.caption, model=hit.model, cached_from=hit.job_id
+            )
+            await cache.publish_hit(state, cached_caption_event(event, state))
+            return state, event
     await publisher.publish_submission(state, event)
     return state, event
+
+
+def cached_caption_event(job: ImageSubmitted, state: JobState) -> CaptionProduced:
+    """The public caption event of a job answered from the cache."""
+    return CaptionProduced(
+        event_id=caption_event_id(job.job_id),
+        job_id=job.job_id,
+        image_ref=job.image_ref,
+        sha256=job.sha256,
+        caption=state.caption or "",
+        model=state.model or "unknown",
+        submitted_at=job.submitted_at,
+        produced_at=state.updated_at,
+    )

@@ -217,9 +217,7 @@ async def handle_batch(
             log.info("job %s already handled; skipping redelivery", job.job_id)
             continue
         seen.add(job.job_id)
-        started = (current or JobState.submitted(job)).advance(
-            JobStatus.STARTED, error=None
-        )
+        started = (current or JobState.submitted(job)).advance(JobStatus.STARTED, error=None)
         store.put(started, delivery.origin)
         await sink.publish_state(started)
         batch.append((job, started, delivery))
@@ -229,7 +227,7 @@ async def handle_batch(
     finals: list[JobState] = []
     for (job, started, delivery), outcome in zip(batch, outcomes, strict=True):
         if isinstance(outcome, CaptionProduced):
-            final = started.advance(JobStatus.SUCCESS, caption=outcome.caption)
+            final = started.advance(JobStatus.SUCCESS, caption=outcome.caption, model=outcome.model)
             await sink.publish_caption(outcome)
         elif outcome.retriable and started.attempts < policy.max_attempts:
             delay = policy.delay_after(started.attempts)

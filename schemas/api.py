@@ -42,6 +42,10 @@ class JobAccepted(BaseModel):
     job_id: str = Field(examples=["5b7a5c0e3c4f4a55a9b8c0d1e2f3a4b5"])
     status: JobStatus = Field(examples=[JobStatus.PENDING])
     submitted_at: datetime
+    cache_hit: bool = Field(
+        default=False,
+        description="Answered from the caption cache: the job is already SUCCESS.",
+    )
 
 
 class JobResult(BaseModel):
@@ -58,6 +62,7 @@ class JobStatusResponse(BaseModel):
     attempts: int
     result: JobResult | None = None
     error: str | None = None
+    cache_hit: bool = False
 
     @classmethod
     def from_state(cls, state: JobState) -> JobStatusResponse:
@@ -69,6 +74,7 @@ class JobStatusResponse(BaseModel):
             attempts=state.attempts,
             result=JobResult(caption=state.caption) if state.caption is not None else None,
             error=state.error,
+            cache_hit=state.cached_from is not None,
         )
 
 

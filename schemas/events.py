@@ -8,6 +8,7 @@ never image bytes: Kafka stays small and fast, and the blob store owns the bytes
 from __future__ import annotations
 
 import enum
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal, TypeVar
@@ -23,6 +24,11 @@ _EVENT_NAMESPACE = uuid.UUID("6f1c1a1e-4c55-4a8e-9b1e-63a9a4f0c0de")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def caption_cache_key(sha256: str, options: GenerationOptions) -> str:
+    """Jobs with the same image content and the same options get the same caption."""
+    return hashlib.sha256(f"{sha256}\0{options.model_dump_json()}".encode()).hexdigest()
 
 
 def caption_event_id(job_id: str) -> str:
@@ -131,6 +137,13 @@ class JobState(_Event):
     error: str | None = None
     idempotency_key: str | None = Field(default=None, max_length=200)
     request_digest: str | None = None
+    cache_key: str | None = Field(
+        default=None, description="Digest of image content and options (caption cache)."
+    )
+    model: str | None = Field(default=None, description="The model that made the caption.")
+    cached_from: str | None = Field(
+        default=None, description="The job whose caption was reused, on a cache hit."
+    )
 
     def advance(self, status: JobStatus, **changes: object) -> JobState:
         now = utcnow()
@@ -159,6 +172,7 @@ class JobState(_Event):
             update={
                 "idempotency_key": event.idempotency_key,
                 "request_digest": event.request_digest,
+                "cache_key": caption_cache_key(event.sha256, event.options),
             }
         )
 

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocketDisconnect
 from captionstream.errors import BrokerError, IdempotencyConflict, ImageTooLarge
 from gateway.deps import (
     BlobsDep,
+    CacheDep,
     FetcherDep,
     LimitsDep,
     MetricsDep,
@@ -36,7 +37,7 @@ from gateway.deps import (
     WsViewDep,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import KafkaJobPublisher
+from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.view import JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.submission import submit_image
@@ -111,8 +112,10 @@ async def _accept(
     blobs: LocalBlobStore,
     limits: ImageLimits,
     metrics: GatewayMetrics,
+    cache: KafkaCaptionCache | None,
 ) -> JobAccepted:
-    """validate -> store -> publish, the same for every way an image arrives."""
+    """validate -> store -> publish (or answer from the caption cache), the same for
+    every way an image arrives."""
     try:
         key, digest = idempotency
         state, _ = await submit_image(
@@ -124,13 +127,19 @@ async def _accept(
             options=options,
             idempotency_key=key,
             request_digest=digest if key else None,
+            cache=cache,
         )
     except KafkaError as exc:
         raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
     view.apply(state)  # visible on this replica at once; others see it from the topic
     metrics.jobs_submitted.labels(source).inc()
     response.headers["Location"] = f"{router.prefix}/status/{state.job_id}"
-    return JobAccepted(job_id=state.job_id, status=state.status, submitted_at=state.submitted_at)
+    return JobAccepted(
+        job_id=state.job_id,
+        status=state.status,
+        submitted_at=state.submitted_at,
+        cache_hit=state.cached_from is not None,
+    )
 
 
 @router.post(
@@ -149,6 +158,7 @@ async def upload(
     blobs: BlobsDep,
     limits: LimitsDep,
     metrics: MetricsDep,
+    cache: CacheDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """Optional form fields `max_new_tokens`, `num_beams`, `prompt` set the job's
@@ -176,6 +186,7 @@ async def upload(
             blobs=blobs,
             limits=limits,
             metrics=metrics,
+            cache=cache,
         )
 
 
@@ -195,6 +206,7 @@ async def submit_by_url(
     blobs: BlobsDep,
     limits: LimitsDep,
     metrics: MetricsDep,
+    cache: CacheDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """The gateway fetches `image_url` (http/https, public addresses only, at most 3
@@ -218,6 +230,7 @@ async def submit_by_url(
             blobs=blobs,
             limits=limits,
             metrics=metrics,
+            cache=cache,
         )
 
 

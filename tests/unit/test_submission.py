@@ -1,0 +1,106 @@
+"""Accepting an image as a job, with fakes for the publisher and the caption cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingest.blobstore import LocalBlobStore
+from ingest.submission import submit_image
+from ingest.validation import ImageLimits
+from schemas.events import (
+    CaptionProduced,
+    GenerationOptions,
+    ImageSubmitted,
+    JobState,
+    JobStatus,
+    caption_cache_key,
+    caption_event_id,
+)
+from tests.conftest import make_png
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.submissions: list[tuple[JobState, ImageSubmitted]] = []
+
+    async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
+        self.submissions.append((state, event))
+
+
+class DictCache:
+    def __init__(self) -> None:
+        self.states: dict[str, JobState] = {}
+        self.hits: list[tuple[JobState, CaptionProduced]] = []
+
+    def lookup(self, cache_key: str) -> JobState | None:
+        return self.states.get(cache_key)
+
+    async def publish_hit(self, state: JobState, event: CaptionProduced) -> None:
+        self.hits.append((state, event))
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path)
+
+
+async def test_a_miss_publishes_the_image_event(blobs: LocalBlobStore) -> None:
+    publisher, cache = RecordingPublisher(), DictCache()
+    state, event = await submit_image(
+        make_png(), "a.png", limits=ImageLimits(), blobs=blobs, publisher=publisher, cache=cache
+    )
+    assert state.status is JobStatus.PENDING
+    assert state.cache_key == caption_cache_key(event.sha256, GenerationOptions())
+    assert publisher.submissions == [(state, event)]
+    assert cache.hits == []
+
+
+async def test_a_hit_answers_at_once_without_the_model(blobs: LocalBlobStore) -> None:
+    publisher, cache = RecordingPublisher(), DictCache()
+    first, event = await submit_image(
+        make_png(), "a.png", limits=ImageLimits(), blobs=blobs, publisher=publisher
+    )
+    assert first.cache_key is not None
+    done = first.advance(JobStatus.STARTED).advance(
+        JobStatus.SUCCESS, caption="a red square", model="tiny-blip"
+    )
+    cache.states[first.cache_key] = done
+
+    state, again = await submit_image(
+        make_png(), "b.png", limits=ImageLimits(), blobs=blobs, publisher=publisher, cache=cache
+    )
+
+    assert len(publisher.submissions) == 1, "no image event: the model does not run"
+    assert state.status is JobStatus.SUCCESS
+    assert state.caption == "a red square"
+    assert state.cached_from == first.job_id
+    assert state.job_id != first.job_id
+    [(published, caption_event)] = cache.hits
+    assert published == state
+    assert caption_event.job_id == state.job_id
+    assert caption_event.event_id == caption_event_id(state.job_id)
+    assert caption_event.caption == "a red square"
+    assert caption_event.model == "tiny-blip"
+    assert caption_event.sha256 == again.sha256 == event.sha256
+
+
+async def test_other_options_are_a_miss(blobs: LocalBlobStore) -> None:
+    publisher, cache = RecordingPublisher(), DictCache()
+    first, _ = await submit_image(
+        make_png(), "a.png", limits=ImageLimits(), blobs=blobs, publisher=publisher
+    )
+    assert first.cache_key is not None
+    cache.states[first.cache_key] = first.advance(JobStatus.SUCCESS, caption="x")
+    state, _ = await submit_image(
+        make_png(),
+        "a.png",
+        limits=ImageLimits(),
+        blobs=blobs,
+        publisher=publisher,
+        cache=cache,
+        options=GenerationOptions(prompt="a photo of"),
+    )
+    assert state.status is JobStatus.PENDING
+    assert cache.hits == []
