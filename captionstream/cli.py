@@ -15,6 +15,7 @@ from types import FrameType
 
 from captionstream.broker import EmbeddedBroker, die_with_parent
 from captionstream.errors import CaptionstreamError
+from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
     CommonSettings,
@@ -27,10 +28,8 @@ log = logging.getLogger("captionstream")
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=CommonSettings().log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    settings = CommonSettings()
+    configure_logging(settings.log_level, settings.log_format)
 
 
 class _Stop(Exception):

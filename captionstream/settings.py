@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field, IPvAnyNetwork, computed_field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from captionstream.logging_config import LogFormat
+
 EMBEDDED_BOOTSTRAP = "127.0.0.1:9092"
 
 
@@ -47,6 +49,10 @@ class CommonSettings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=_default_data_dir)
     log_level: str = "INFO"
+    log_format: LogFormat = Field(
+        default=LogFormat.TEXT,
+        description="`text` for humans, `json` for one JSON object per line (with job_id).",
+    )
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic.")
     replication_factor: int = Field(default=1, ge=1, description="Of topics this creates.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from captionstream.logging_config import uvicorn_log_config
 from captionstream.settings import GatewaySettings
 from gateway.app import create_app
 
@@ -14,5 +15,6 @@ def run_gateway(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=uvicorn_log_config(settings.log_format),
         timeout_graceful_shutdown=5,
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image, ImageOps
 
 from captionstream.errors import CaptionstreamError, ImageUnreadable
+from captionstream.logging_config import job_context
 from processor.captioner import Captioner
 from schemas.events import (
     CaptionFailed,
@@ -121,7 +122,12 @@ def caption_batch(
         except Exception as exc:
             if len(ready) == 1:
                 i, _ = ready[0]
-                log.warning("captioning job %s failed: %r", jobs[i].job_id, exc)
+                log.warning(
+                    "captioning job %s failed: %r",
+                    jobs[i].job_id,
+                    exc,
+                    extra=job_context(jobs[i].job_id),
+                )
                 results[i] = failure_of(jobs[i], exc)
             else:
                 # Isolate the culprit: caption one by one so only the bad job fails.
@@ -138,7 +144,7 @@ def _caption_one(job: ImageSubmitted, img: PILImage, captioner: Captioner) -> Ca
     try:
         [text] = captioner.caption([img], [job.options])
     except Exception as exc:
-        log.warning("captioning job %s failed: %r", job.job_id, exc)
+        log.warning("captioning job %s failed: %r", job.job_id, exc, extra=job_context(job.job_id))
         return failure_of(job, exc)
     return produced(job, text, captioner.name)
 
@@ -214,7 +220,11 @@ async def handle_batch(
             continue
         current = store.get(job.job_id)
         if job.job_id in seen or (current is not None and current.status.terminal):
-            log.info("job %s already handled; skipping redelivery", job.job_id)
+            log.info(
+                "job %s already handled; skipping redelivery",
+                job.job_id,
+                extra=job_context(job.job_id),
+            )
             continue
         seen.add(job.job_id)
         started = (current or JobState.submitted(job)).advance(JobStatus.STARTED, error=None)
@@ -243,4 +253,14 @@ async def handle_batch(
         await sink.publish_state(final)
         store.put(final, delivery.origin)  # last: a crash before this means a redo
         finals.append(final)
+        if final.status is JobStatus.SUCCESS:
+            log.info("job %s captioned", job.job_id, extra=job_context(job.job_id))
+        else:
+            log.warning(
+                "job %s %s: %s",
+                job.job_id,
+                final.status.value,
+                final.error,
+                extra=job_context(job.job_id),
+            )
     return finals

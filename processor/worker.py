@@ -14,6 +14,7 @@ import faust
 
 from captionstream.errors import ConfigurationError
 from captionstream.kafka import ensure_topics
+from captionstream.logging_config import LogFormat, adopt_library_output, faust_logging_config
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import allow_pixels
@@ -85,6 +86,8 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
 
 
 def run_worker(settings: ProcessorSettings) -> None:
+    if settings.log_format is LogFormat.JSON:
+        adopt_library_output()  # no plain-text lines from transformers' logger or bars
     configure_torch_threads(settings.torch_threads)
     allow_pixels(settings.max_pixels)
     # The model loads before the worker joins the group: a worker never holds partitions
@@ -96,5 +99,13 @@ def run_worker(settings: ProcessorSettings) -> None:
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
     blobs = LocalBlobStore(settings.blob_dir)
     processor = create_app(settings, captioner, blobs, datadir)
-    worker = faust.Worker(processor.app, loop=loop, loglevel=settings.log_level, quiet=True)
+    worker = faust.Worker(
+        processor.app,
+        loop=loop,
+        loglevel=settings.log_level,
+        # Faust replaces the root logger's handlers when it starts: with JSON logs, by
+        # our JSON handler again (else by its own console format).
+        logging_config=faust_logging_config(settings.log_level, settings.log_format),
+        quiet=True,
+    )
     worker.execute_from_commandline()

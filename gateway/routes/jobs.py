@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
 from captionstream.errors import BrokerError, IdempotencyConflict, ImageTooLarge
+from captionstream.logging_config import job_context
 from gateway.deps import (
     BlobsDep,
     CacheDep,
@@ -48,6 +50,7 @@ from schemas.events import GenerationOptions, JobState
 # The prefix lives on the router (not on `include_router`) so that each route's `path` is
 # its full template, which the metrics middleware uses as the `route` label.
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
+log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 503)
@@ -132,6 +135,7 @@ async def _accept(
     except KafkaError as exc:
         raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
     view.apply(state)  # visible on this replica at once; others see it from the topic
+    log.info("job %s accepted (%s)", state.job_id, source, extra=job_context(state.job_id))
     metrics.jobs_submitted.labels(source).inc()
     response.headers["Location"] = f"{router.prefix}/status/{state.job_id}"
     return JobAccepted(
