@@ -103,3 +103,24 @@ class IdempotencyConflict(CaptionstreamError):
     """An Idempotency-Key reused for a different request."""
 
     http_status = 409
+
+
+# --- access control -------------------------------------------------------------------
+
+
+class Unauthorized(CaptionstreamError):
+    """A request to the API without a valid API key (when keys are configured)."""
+
+    http_status = 401
+
+
+class RateLimited(CaptionstreamError):
+    """A client over its submission rate; `retry_after_s` (whole seconds) says when the
+    next submission will be accepted."""
+
+    http_status = 429
+    retriable = True
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s

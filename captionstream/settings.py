@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, IPvAnyNetwork, computed_field, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, computed_field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captionstream.logging_config import LogFormat
@@ -133,6 +133,37 @@ class GatewaySettings(IngestSettings):
     readiness_timeout_s: float = Field(
         default=2.0, gt=0, description="How long /readyz waits for the broker to answer."
     )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when set, every /api/v1 route requires one "
+        "in the `X-API-Key` header (WebSockets: header or `api_key` query parameter). "
+        "Empty: no authentication.",
+    )
+    rate_limit_per_minute: float = Field(
+        default=0,
+        ge=0,
+        description="Submissions (POST upload / jobs) allowed per minute per API key (per "
+        "client address when there are no keys); 0: no limit.",
+    )
+    rate_limit_burst: int = Field(
+        default=10, ge=1, description="Submissions allowed at once before the rate applies."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins (`https://app.example.com`) allowed to call "
+        "the API from a browser, or `*`; empty: no CORS headers.",
+    )
+    cors_allow_credentials: bool = Field(
+        default=False,
+        description="Let browsers send cookies / HTTP auth cross-origin (never with `*`).",
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
 
 class ProcessorSettings(CommonSettings):

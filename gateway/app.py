@@ -18,6 +18,7 @@ from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.routes import demo, health, jobs, metrics
+from gateway.security import api_router_options, install_security
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import FetchPolicy, ImageFetcher
@@ -88,7 +89,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
     )
     app.add_middleware(HttpMetricsMiddleware)
-    app.include_router(jobs.router)
+    install_security(app, settings)  # API keys, rate limit, CORS (outermost)
+    app.include_router(jobs.router, **api_router_options(settings))
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(demo.router)  # the demo page at / and /demo

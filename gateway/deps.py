@@ -9,6 +9,7 @@ from fastapi import Depends, Request, WebSocket
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.readiness import Readiness
+from gateway.security import limit_submissions
 from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import ImageFetcher
@@ -70,3 +71,5 @@ ReadinessDep = Annotated[Readiness, Depends(_readiness)]
 MetricsDep = Annotated[GatewayMetrics, Depends(_metrics)]
 WsMetricsDep = Annotated[GatewayMetrics, Depends(_ws_metrics)]
 FetcherDep = Annotated[ImageFetcher, Depends(_fetcher)]
+# Route dependency of the submission routes: 429 past the client's rate limit.
+SubmissionRateLimit = Depends(limit_submissions)

@@ -34,6 +34,7 @@ from gateway.deps import (
     LimitsDep,
     MetricsDep,
     PublisherDep,
+    SubmissionRateLimit,
     ViewDep,
     WsMetricsDep,
     WsViewDep,
@@ -149,6 +150,7 @@ async def _accept(
 @router.post(
     "/upload",
     status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[SubmissionRateLimit],
     response_model=JobAccepted,
     responses=_ERRORS,
     summary="Submit an image (multipart field `file`) for captioning",
@@ -197,6 +199,7 @@ async def upload(
 @router.post(
     "/jobs",
     status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[SubmissionRateLimit],
     response_model=JobAccepted,
     responses=_FETCH_ERRORS,
     summary="Submit an image by URL (fetched by the gateway) for captioning",
