@@ -84,6 +84,12 @@ class IngestSettings(CommonSettings):
 
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=200_000_000, ge=1)
+    max_frames: int = Field(
+        default=1000,
+        ge=1,
+        description="Refuse animations (GIF, APNG, WebP) and multi-page files (TIFF) with "
+        "more frames; only the first frame is captioned.",
+    )
     caption_cache: bool = Field(
         default=True,
         description="Answer a submit whose image content and options were captioned "

@@ -65,7 +65,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
             app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.fetcher = fetcher
-            app.state.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
+            app.state.limits = ImageLimits.from_settings(settings)
             yield
         finally:
             await fetcher.aclose()

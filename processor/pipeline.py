@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from captionstream.errors import CaptionstreamError, ImageUnreadable
 from captionstream.logging_config import job_context
+from ingest.validation import DECODERS, MAX_SIDE
 from processor.captioner import Captioner
 from schemas.events import (
     CaptionFailed,
@@ -39,19 +40,56 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# EXIF orientation -> the transpose that shows the picture upright (as in Pillow's
+# `ImageOps.exif_transpose`, which also rewrites the EXIF and fails on odd tags).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def decode_rgb(data: bytes, max_pixels: int) -> PILImage:
-    """Decode stored bytes to an upright RGB image, or raise `ImageUnreadable`."""
+    """Decode stored bytes to an upright RGB image, or raise `ImageUnreadable`.
+
+    Only what the gateway accepts is decoded: its trusted decoders, at most `max_pixels`
+    pixels and `MAX_SIDE` a side, and the first frame of an animation or a multi-page
+    file. The EXIF orientation is applied so the captioner sees the picture upright;
+    EXIF that cannot be read leaves the picture as stored rather than failing a
+    readable image.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:
-                    raise ImageUnreadable(f"image has {img.width * img.height} pixels")
-                return ImageOps.exif_transpose(img).convert("RGB")
+            warnings.simplefilter("ignore", UserWarning)  # Pillow on odd metadata
+            with Image.open(io.BytesIO(data), formats=DECODERS) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageUnreadable(
+                        f"image is {width}x{height} = {width * height} pixels; "
+                        f"the limit is {max_pixels}"
+                    )
+                if max(width, height) > MAX_SIDE:
+                    raise ImageUnreadable(
+                        f"image is {width}x{height}; no side may be longer than {MAX_SIDE}"
+                    )
+                rgb = img.convert("RGB")
+                try:
+                    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+                except Exception:  # unreadable EXIF: the picture as stored
+                    orientation = 1
     except ImageUnreadable:
         raise
+    except UnidentifiedImageError as exc:
+        raise ImageUnreadable("cannot decode image: not a supported image format") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageUnreadable(f"cannot decode image: {exc}") from exc
+    transpose = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return rgb if transpose is None else rgb.transpose(transpose)
 
 
 @dataclass(frozen=True, slots=True)
