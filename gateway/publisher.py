@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from gateway.view import JobView
-from schemas.events import CaptionProduced, ImageSubmitted, JobState
+from schemas.events import CaptionProduced, ImageSubmitted, JobCancelRequested, JobState, utcnow
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 class KafkaJobPublisher:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
+
+    async def publish_cancel_request(self, job_id: str) -> None:
+        request = JobCancelRequested(job_id=job_id, requested_at=utcnow())
+        await self.producer.send_and_wait(
+            TOPICS.cancellations.name, request.model_dump_json().encode(), key=job_id.encode()
+        )
 
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
         key = event.job_id.encode()

@@ -6,9 +6,11 @@ All behaviour lives in `processor.pipeline`; this module only connects it to Kaf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.streams import _current_event as faust_current_event
 
 from captionstream.kafka import tuning_for
 from captionstream.settings import ProcessorSettings
@@ -32,8 +35,10 @@ from processor.pipeline import (
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
+    EventDecodeError,
     ImageSubmitted,
     JobState,
+    decode_cancel_request,
     decode_job_state,
     utcnow,
 )
@@ -57,21 +62,44 @@ ROCKSDB_OPTIONS = {
 class TableStateStore:
     """`JobStateStore` on a Faust table (rocksdb store, changelog-backed).
 
-    Faust routes a table write to the changelog partition of "the current event"; in a
-    batch we are handling many events, so each write names its own event explicitly.
+    Faust's rocksdb store reads and writes the partition of "the current event". In a
+    batch we handle many events from several partitions, so every read and write names
+    its own event: reading with another job's event in context looked in the wrong
+    partition and missed (redeliveries then looked new, cancellations went unseen).
     """
 
-    def __init__(self, table: Any, stream: Any) -> None:
+    def __init__(self, table: Any, cancelled: Any) -> None:
         self.table = table
-        self.stream = stream
+        self.cancelled = cancelled
 
-    def get(self, job_id: str) -> JobState | None:
-        raw = self.table.get(job_id.encode())
+    def get(self, job_id: str, origin: Any) -> JobState | None:
+        with event_context(origin):
+            raw = self.table.get(job_id.encode())
         return None if raw is None else decode_job_state(raw)
 
+    def is_cancelled(self, job_id: str, origin: Any) -> bool:
+        with event_context(origin):
+            return self.cancelled.get(job_id.encode()) is not None
+
     def put(self, state: JobState, origin: Any) -> None:
-        self.stream._set_current_event(origin)
-        self.table[state.job_id.encode()] = state.model_dump_json().encode()
+        with event_context(origin):
+            self.table[state.job_id.encode()] = state.model_dump_json().encode()
+
+
+@contextlib.contextmanager
+def event_context(event: Any) -> Iterator[None]:
+    """Make `event` Faust's "current event" for table access, in this task only.
+
+    Only the context variable is set, never the stream's `current_event` attribute:
+    `take_events` reads that attribute to buffer the next message, so setting it (as
+    `Stream._set_current_event` does) swapped buffered events: one job was processed
+    twice and another never.
+    """
+    token = faust_current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_current_event.reset(token)
 
 
 class TopicSink:
@@ -192,6 +220,17 @@ def create_app(
         value_type=bytes,
         options=ROCKSDB_OPTIONS,
     )
+    # Job id -> when cancellation was requested. Co-partitioned with `jobs` (same key,
+    # same partition count), so a worker holds the requests for the jobs it processes.
+    cancelled = app.Table(
+        "cancelled",
+        default=None,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options=ROCKSDB_OPTIONS,
+    )
+    cancellations = raw_topic(TOPICS.cancellations.name)
     # One inference thread per worker: the model is not re-entrant, and one batch at a
     # time on all cores beats two batches fighting over them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -209,7 +248,7 @@ def create_app(
 
     @app.agent(images)
     async def caption_images(stream: Any) -> None:
-        store = TableStateStore(jobs, stream)
+        store = TableStateStore(jobs, cancelled)
         async for events in stream.take_events(
             settings.max_batch_size, within=settings.max_batch_wait_s
         ):
@@ -224,6 +263,19 @@ def create_app(
                 policy=policy,
             )
             metrics.observe_finals(finals)
+
+    @app.agent(cancellations)
+    async def record_cancellations(stream: Any) -> None:
+        """Remember cancellation requests; the captioning agent honours them for jobs it
+        has not started."""
+        async for event in stream.events():
+            try:
+                request = decode_cancel_request(event.value)
+            except EventDecodeError as exc:
+                log.error("ignoring a malformed cancellation request: %s", exc)
+                continue
+            cancelled[request.job_id.encode()] = request.requested_at.isoformat().encode()
+            log.info("job %s: cancellation requested", request.job_id)
 
     @app.agent(retries)
     async def release_retries(stream: Any) -> None:

@@ -190,6 +190,9 @@ def _caption_one(job: ImageSubmitted, img: PILImage, captioner: Captioner) -> Ca
 # --- orchestration --------------------------------------------------------------------
 
 
+CANCELLED = "cancelled at the client's request before it started"
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Exponential backoff: attempt n (1-based) that failed waits base * 2**(n-1), capped."""
@@ -212,7 +215,13 @@ class Delivery:
 
 
 class JobStateStore(Protocol):
-    def get(self, job_id: str) -> JobState | None: ...
+    # `origin` is the delivery the job came in: a Faust table reads (and writes) the
+    # partition of the event it is told about.
+    def get(self, job_id: str, origin: Any) -> JobState | None: ...
+
+    def is_cancelled(self, job_id: str, origin: Any) -> bool:
+        """Whether a client asked to cancel the job (honoured only before it starts)."""
+        ...
 
     def put(self, state: JobState, origin: Any) -> None: ...
 
@@ -247,6 +256,7 @@ async def handle_batch(
     dead-letter topic. Returns the states written last, one per job handled.
     """
     policy = policy or RetryPolicy()
+    finals: list[JobState] = []
     batch: list[tuple[ImageSubmitted, JobState, Delivery]] = []
     seen: set[str] = set()
     for delivery in deliveries:
@@ -256,7 +266,7 @@ async def handle_batch(
             log.error("dead-lettering a malformed image event: %s", exc)
             await sink.dead_letter(delivery, f"malformed event: {exc}", attempts=0)
             continue
-        current = store.get(job.job_id)
+        current = store.get(job.job_id, delivery.origin)
         if job.job_id in seen or (current is not None and current.status.terminal):
             log.info(
                 "job %s already handled; skipping redelivery",
@@ -265,14 +275,24 @@ async def handle_batch(
             )
             continue
         seen.add(job.job_id)
+        if (current is None or current.attempts == 0) and store.is_cancelled(
+            job.job_id, delivery.origin
+        ):
+            cancelled = (current or JobState.submitted(job)).advance(
+                JobStatus.FAILURE, error=CANCELLED
+            )
+            await sink.publish_caption(failed_event(job, CANCELLED))
+            await sink.publish_state(cancelled)
+            store.put(cancelled, delivery.origin)
+            finals.append(cancelled)
+            continue
         started = (current or JobState.submitted(job)).advance(JobStatus.STARTED, error=None)
         store.put(started, delivery.origin)
         await sink.publish_state(started)
         batch.append((job, started, delivery))
     if not batch:
-        return []
+        return finals
     outcomes = await run_captioning([job for job, _, _ in batch])
-    finals: list[JobState] = []
     for (job, started, delivery), outcome in zip(batch, outcomes, strict=True):
         if isinstance(outcome, CaptionProduced):
             final = started.advance(JobStatus.SUCCESS, caption=outcome.caption, model=outcome.model)

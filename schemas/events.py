@@ -107,6 +107,14 @@ class CaptionFailed(_Event):
     failed_at: datetime
 
 
+class JobCancelRequested(_Event):
+    """A client asked to cancel a job that had not started."""
+
+    type: Literal["job.cancel_requested"] = "job.cancel_requested"
+    job_id: str
+    requested_at: datetime
+
+
 CaptionEvent = Annotated[CaptionProduced | CaptionFailed, Field(discriminator="type")]
 
 
@@ -204,3 +212,7 @@ def decode_caption_event(raw: bytes | str) -> CaptionProduced | CaptionFailed:
         return _caption_adapter.validate_json(raw)
     except ValidationError as exc:
         raise EventDecodeError(f"not a valid caption event v{SCHEMA_VERSION}: {exc}") from exc
+
+
+def decode_cancel_request(raw: bytes | str | None) -> JobCancelRequested:
+    return _decode(JobCancelRequested, raw)

@@ -28,9 +28,19 @@ class Topics:
     retries: TopicSpec = TopicSpec("captionstream.images.retry.v1")
     # Messages that could not be processed, verbatim, with the reason in headers.
     dead_letters: TopicSpec = TopicSpec("captionstream.dead-letters.v1")
+    # Cancellation requests (`JobCancelRequested`), gateway -> processor. Internal. A
+    # topic of its own, so a request is seen long before a backlog reaches the job.
+    cancellations: TopicSpec = TopicSpec("captionstream.cancellations.v1")
 
     def all(self) -> tuple[TopicSpec, ...]:
-        return (self.images, self.captions, self.job_state, self.retries, self.dead_letters)
+        return (
+            self.images,
+            self.captions,
+            self.job_state,
+            self.retries,
+            self.dead_letters,
+            self.cancellations,
+        )
 
 
 class Headers:

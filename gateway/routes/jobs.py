@@ -46,7 +46,7 @@ from ingest.blobstore import LocalBlobStore
 from ingest.submission import submit_image
 from ingest.validation import ImageLimits
 from schemas.api import ErrorResponse, JobAccepted, JobRequest, JobStatusResponse, UploadOptions
-from schemas.events import GenerationOptions, JobState
+from schemas.events import GenerationOptions, JobState, JobStatus
 
 # The prefix lives on the router (not on `include_router`) so that each route's `path` is
 # its full template, which the metrics middleware uses as the `route` label.
@@ -256,6 +256,30 @@ def _known(view: ViewDep, job_id: str) -> JobState:
 )
 async def job_status(job_id: str, view: ViewDep) -> JobStatusResponse:
     return JobStatusResponse.from_state(_known(view, job_id))
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobStatusResponse,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    summary="Cancel a job that has not started",
+)
+async def cancel_job(job_id: str, view: ViewDep, publisher: PublisherDep) -> JobStatusResponse:
+    """202 with the job's current status when the cancellation was requested: unless a
+    worker picks the job up first, it then ends FAILURE ("cancelled ..."). 409 when the
+    job has already started or finished."""
+    state = _known(view, job_id)
+    if state.status is not JobStatus.PENDING:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {job_id!r} is {state.status.value}: only a PENDING job can be cancelled",
+        )
+    try:
+        await publisher.publish_cancel_request(job_id)
+    except KafkaError as exc:
+        raise BrokerError(f"cancellation not recorded, Kafka is unavailable: {exc}") from exc
+    return JobStatusResponse.from_state(state)
 
 
 @router.get(

@@ -260,8 +260,12 @@ class DictStore:
     def __init__(self) -> None:
         self.states: dict[str, JobState] = {}
         self.puts: list[tuple[JobState, Any]] = []
+        self.cancelled: set[str] = set()
 
-    def get(self, job_id: str) -> JobState | None:
+    def is_cancelled(self, job_id: str, origin: Any) -> bool:
+        return job_id in self.cancelled
+
+    def get(self, job_id: str, origin: Any) -> JobState | None:
         return self.states.get(job_id)
 
     def put(self, state: JobState, origin: Any) -> None:
@@ -576,3 +580,37 @@ async def test_malformed_deliveries_are_dead_lettered_verbatim(store: LocalBlobS
 
     assert [d for d, _, _ in sink.of("dead")] == garbage
     assert all("malformed" in reason for _, reason, _ in sink.of("dead"))
+
+
+# --- cancellation ---------------------------------------------------------------------
+
+
+async def test_cancelled_job_fails_without_running_the_model(store: LocalBlobStore) -> None:
+    kept, dropped = submit(store, "kept", png((3, 3))), submit(store, "dropped", png((4, 4)))
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+    states.cancelled.add("dropped")
+
+    finals = await handle_batch(
+        [delivery(kept), delivery(dropped)], store=states, sink=sink, run_captioning=run
+    )
+
+    assert run.batches == [["kept"]], "the cancelled job never reaches the model"
+    by_id = {s.job_id: s for s in finals}
+    assert by_id["kept"].status is JobStatus.SUCCESS
+    assert by_id["dropped"].status is JobStatus.FAILURE
+    assert by_id["dropped"].attempts == 0
+    assert "cancelled" in (by_id["dropped"].error or "")
+    assert ("caption", "dropped", "caption.failed") in sink.summary()
+    assert sink.of("dead") == [], "a cancellation is not a dead letter"
+
+
+async def test_cancellation_after_the_job_started_is_ignored(store: LocalBlobStore) -> None:
+    job = submit(store, "busy", png((5, 5)))
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+    states.states["busy"] = JobState.pending("busy", T0).advance(JobStatus.STARTED)
+    states.cancelled.add("busy")
+
+    [final] = await handle_batch([delivery(job)], store=states, sink=sink, run_captioning=run)
+
+    assert final.status is JobStatus.SUCCESS
+    assert final.attempts == 2
