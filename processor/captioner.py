@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +54,45 @@ def resolve_model_source(model: str, data_dir: Path) -> str:
     return model
 
 
+GenerationKey = tuple[int, int, str | None]  # max_new_tokens, num_beams, prompt
+
+
+def caption_in_groups(
+    images: Sequence[Image],
+    options: Sequence[GenerationOptions],
+    defaults: GenerationDefaults,
+    generate: Callable[[list[Image], GenerationKey], list[str]],
+) -> list[str]:
+    """Run `generate` once per distinct (max_new_tokens, num_beams, prompt) and put the
+    captions back in input order: one caption per image, whatever the mix of options."""
+    if len(images) != len(options):
+        raise ValueError("one GenerationOptions per image")
+    groups: dict[GenerationKey, list[int]] = {}
+    for i, opt in enumerate(options):
+        key = (
+            opt.max_new_tokens or defaults.max_new_tokens,
+            opt.num_beams or defaults.num_beams,
+            opt.prompt,
+        )
+        groups.setdefault(key, []).append(i)
+    captions = [""] * len(images)
+    for key, indices in groups.items():
+        texts = generate([images[i] for i in indices], key)
+        for i, text in zip(indices, texts, strict=True):
+            captions[i] = text
+    return captions
+
+
+def model_load_error(model: str, exc: BaseException, hint: str) -> ModelLoadError:
+    """The error a worker exits with when `from_pretrained` fails: fast, and naming the
+    setting to change (no silent fallback to another model)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return ModelLoadError(
+        f"cannot load captioning model {model!r}"
+        f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}. {hint}"
+    )
+
+
 class BlipCaptioner:
     """BLIP (`BlipForConditionalGeneration`), batched, under `torch.inference_mode`."""
 
@@ -91,12 +130,11 @@ class BlipCaptioner:
             processor = BlipProcessor.from_pretrained(source)
             net: Any = BlipForConditionalGeneration.from_pretrained(source, dtype=chosen.dtype)
         except (OSError, ValueError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            raise ModelLoadError(
-                f"cannot load captioning model {model!r}"
-                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}. "
+            raise model_load_error(
+                model,
+                exc,
                 "Set CAPTIONSTREAM_MODEL to a local directory holding a saved BLIP model, "
-                f"or to {TINY_BLIP!r} for a tiny random test model."
+                f"or to {TINY_BLIP!r} for a tiny random test model.",
             ) from exc
         net.to(device).eval()
         # BLIP's generate() runs its text decoder, whose generation config is built from
@@ -117,31 +155,12 @@ class BlipCaptioner:
         return cls(net, processor, device, name=model, defaults=defaults or GenerationDefaults())
 
     def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
-        if len(images) != len(options):
-            raise ValueError("one GenerationOptions per image")
-        captions: list[str | None] = [None] * len(images)
-        # Images with the same options share one generate() call.
-        groups: dict[tuple[int, int, str | None], list[int]] = {}
-        for i, opt in enumerate(options):
-            key = (
-                opt.max_new_tokens or self.defaults.max_new_tokens,
-                opt.num_beams or self.defaults.num_beams,
-                opt.prompt,
-            )
-            groups.setdefault(key, []).append(i)
-        for (max_new_tokens, num_beams, prompt), indices in groups.items():
-            batch = [images[i] for i in indices]
-            for i, text in zip(
-                indices, self._generate(batch, max_new_tokens, num_beams, prompt), strict=True
-            ):
-                captions[i] = text
-        return [c if c is not None else "" for c in captions]
+        return caption_in_groups(images, options, self.defaults, self._generate)
 
-    def _generate(
-        self, images: list[Image], max_new_tokens: int, num_beams: int, prompt: str | None
-    ) -> list[str]:
+    def _generate(self, images: list[Image], key: GenerationKey) -> list[str]:
         import torch
 
+        max_new_tokens, num_beams, prompt = key
         text = [prompt] * len(images) if prompt else None
         inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
         # The processor makes fp32 pixels; a bf16/fp16 model needs its own dtype.

@@ -8,47 +8,23 @@ id or directory as for BLIP.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captionstream.errors import ModelLoadError
-from processor.captioner import GenerationDefaults, select_device
+from processor.captioner import (
+    GenerationDefaults,
+    GenerationKey,
+    caption_in_groups,
+    model_load_error,
+    select_device,
+)
 from schemas.events import GenerationOptions
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
-
-GenerationKey = tuple[int, int, str | None]
-
-
-def caption_in_groups(
-    images: Sequence[Image],
-    options: Sequence[GenerationOptions],
-    defaults: GenerationDefaults,
-    generate: Callable[[list[Image], GenerationKey], list[str]],
-) -> list[str]:
-    """Run `generate` once per distinct (max_new_tokens, num_beams, prompt) and put the
-    captions back in input order: one caption per image, whatever the mix of options."""
-    if len(images) != len(options):
-        raise ValueError("one GenerationOptions per image")
-    groups: dict[GenerationKey, list[int]] = {}
-    for i, opt in enumerate(options):
-        key = (
-            opt.max_new_tokens or defaults.max_new_tokens,
-            opt.num_beams or defaults.num_beams,
-            opt.prompt,
-        )
-        groups.setdefault(key, []).append(i)
-    captions = [""] * len(images)
-    for key, indices in groups.items():
-        texts = generate([images[i] for i in indices], key)
-        for i, text in zip(indices, texts, strict=True):
-            captions[i] = text
-    return captions
 
 
 def load_image_processor(model: str) -> Any:
@@ -100,11 +76,10 @@ class HFImageToTextCaptioner:
             image_processor = load_image_processor(model)
             tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError, AttributeError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            raise ModelLoadError(
-                f"cannot load image-to-text model {model!r}"
-                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}. "
-                "Set CAPTIONSTREAM_MODEL to a local directory holding a saved model."
+            raise model_load_error(
+                model,
+                exc,
+                "Set CAPTIONSTREAM_MODEL to a local directory holding a saved model.",
             ) from exc
         net.to(device).eval()
         log.info("loaded image-to-text model %s (%s) on %s", model, net.config.model_type, device)

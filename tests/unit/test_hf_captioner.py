@@ -10,8 +10,8 @@ from PIL import Image
 
 from captionstream.errors import ModelLoadError
 from captionstream.settings import ProcessorSettings
-from processor.captioner import GenerationDefaults
-from processor.hf_captioner import HFImageToTextCaptioner, caption_in_groups
+from processor.captioner import GenerationDefaults, caption_in_groups
+from processor.hf_captioner import HFImageToTextCaptioner
 from processor.worker import load_captioner
 from schemas.events import GenerationOptions
 
