@@ -7,19 +7,20 @@ talk to them over HTTP, WebSocket and the Kafka protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer
 
-from captionstream.broker import free_port
+from captionstream.broker import EmbeddedBroker, free_port
 from captionstream.kafka import assign_whole_topic
 
 
@@ -180,3 +181,17 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[t
 
 def new_port() -> int:
     return free_port()
+
+
+@contextlib.contextmanager
+def own_stack(root: Path, **spawn_env: str) -> Iterator[Stack]:
+    """A stack on a broker of its own, for tests whose workers must not join the
+    session's consumer group (fault injection, kills, load); stopped on exit."""
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
+        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
+        stack.spawn_env.update(spawn_env)
+        try:
+            yield stack
+        finally:
+            stack.stop_all()

@@ -9,27 +9,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from captionstream.broker import EmbeddedBroker, free_port
 from tests.conftest import make_png
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, own_stack
 
 BACKLOG = 24
 
 
 @pytest.fixture
 def busy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("cancel")
-    (root / "logs").mkdir()
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
-        stack.spawn_env.update(
-            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
-            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.15",
-        )
-        try:
-            yield stack
-        finally:
-            stack.stop_all()
+    with own_stack(
+        tmp_path_factory.mktemp("cancel"),
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+        CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.15",
+    ) as stack:
+        yield stack
 
 
 def test_cancel_a_queued_job(busy_stack: Stack) -> None:

@@ -14,30 +14,23 @@ import pytest
 import websockets
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from captionstream.broker import EmbeddedBroker, free_port
 from captionstream.kafka import assign_whole_topic
 from schemas.topics import TOPICS, Headers
 from tests.conftest import make_png
 from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE
-from tests.integration.stack import Gateway, Stack, wait_until
+from tests.integration.stack import Gateway, Stack, own_stack, wait_until
 
 
 @pytest.fixture(scope="module")
 def flaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Gateway]]:
-    root = tmp_path_factory.mktemp("flaky")
-    (root / "logs").mkdir()
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
-        try:
-            stack.spawn_env.update(
-                CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create",
-                CAPTIONSTREAM_MAX_ATTEMPTS="3",
-                CAPTIONSTREAM_RETRY_BACKOFF_S="0.2",
-            )
-            stack.start_worker()
-            yield stack, stack.start_gateway()
-        finally:
-            stack.stop_all()
+    with own_stack(
+        tmp_path_factory.mktemp("flaky"),
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create",
+        CAPTIONSTREAM_MAX_ATTEMPTS="3",
+        CAPTIONSTREAM_RETRY_BACKOFF_S="0.2",
+    ) as stack:
+        stack.start_worker()
+        yield stack, stack.start_gateway()
 
 
 async def dead_letters(bootstrap: str, count: int, timeout_s: float = 30) -> list[object]:

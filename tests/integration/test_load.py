@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import CaptionProduced, decode_caption_event
 from schemas.topics import TOPICS
 from tests.conftest import make_png
-from tests.integration.stack import Component, Gateway, Stack, read_topic
+from tests.integration.stack import Component, Gateway, Stack, own_stack, read_topic
 
 JOBS = int(os.environ.get("CAPTIONSTREAM_LOAD_JOBS", "2000"))
 CLIENTS = int(os.environ.get("CAPTIONSTREAM_LOAD_CLIENTS", "100"))
@@ -40,15 +39,8 @@ def percentile(values: list[float], q: float) -> float:
 
 @pytest.fixture
 def load_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("load")
-    (root / "logs").mkdir()
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
-        stack.spawn_env.update(CAPTIONSTREAM_MAX_BATCH_SIZE="16")
-        try:
-            yield stack
-        finally:
-            stack.stop_all()
+    with own_stack(tmp_path_factory.mktemp("load"), CAPTIONSTREAM_MAX_BATCH_SIZE="16") as stack:
+        yield stack
 
 
 async def run_clients(gateway: Gateway, jobs: int, clients: int, salt: int) -> list[str]:

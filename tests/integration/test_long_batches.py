@@ -8,10 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from captionstream.broker import EmbeddedBroker, free_port
 from captionstream.kafka import EMBEDDED_PROFILE
 from tests.conftest import make_png
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, own_stack
 
 # Every batch takes at least this long: longer than the embedded profile's 4 s session.
 SECONDS_PER_IMAGE = 5.0
@@ -19,19 +18,13 @@ SECONDS_PER_IMAGE = 5.0
 
 @pytest.fixture
 def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("slow")
-    (root / "logs").mkdir()
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
-        stack.spawn_env.update(
-            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
-            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE=str(SECONDS_PER_IMAGE),
-            CAPTIONSTREAM_MAX_BATCH_SIZE="4",
-        )
-        try:
-            yield stack
-        finally:
-            stack.stop_all()
+    with own_stack(
+        tmp_path_factory.mktemp("slow"),
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+        CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE=str(SECONDS_PER_IMAGE),
+        CAPTIONSTREAM_MAX_BATCH_SIZE="4",
+    ) as stack:
+        yield stack
 
 
 def test_batch_longer_than_session_timeout_keeps_partitions(slow_stack: Stack) -> None:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import (
     CaptionProduced,
     JobStatus,
@@ -25,26 +24,20 @@ from schemas.events import (
 )
 from schemas.topics import TOPICS
 from tests.conftest import make_png
-from tests.integration.stack import Gateway, Stack, read_topic, wait_until
+from tests.integration.stack import Gateway, Stack, own_stack, read_topic, wait_until
 
 JOBS = 240
 
 
 @pytest.fixture
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("scale")
-    (root / "logs").mkdir()
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
-        stack.spawn_env.update(
-            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
-            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
-            CAPTIONSTREAM_MAX_BATCH_SIZE="8",
-        )
-        try:
-            yield stack
-        finally:
-            stack.stop_all()
+    with own_stack(
+        tmp_path_factory.mktemp("scale"),
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+        CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
+        CAPTIONSTREAM_MAX_BATCH_SIZE="8",
+    ) as stack:
+        yield stack
 
 
 async def submit_all(gateway: Gateway, count: int) -> list[str]:
