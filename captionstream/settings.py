@@ -48,6 +48,15 @@ class CommonSettings(BaseSettings):
         "unset, else `kafka`.",
     )
     data_dir: Path = Field(default_factory=_default_data_dir)
+    job_ttl_s: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="Finished jobs (state and stored image) are deleted this long after "
+        "they finish.",
+    )
+    janitor_interval_s: float = Field(
+        default=60.0, gt=0, description="How often expired jobs are looked for."
+    )
     log_level: str = "INFO"
     log_format: LogFormat = Field(
         default=LogFormat.TEXT,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -23,10 +27,29 @@ from gateway.view import JobStateFollower, JobView
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import FetchPolicy, ImageFetcher
 from ingest.validation import ImageLimits, allow_pixels
-from schemas.events import JobState
+from schemas.events import JobState, utcnow
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
+
+
+async def sweep_expired_jobs(
+    view: JobView, publisher: KafkaJobPublisher, settings: GatewaySettings
+) -> None:
+    """Every janitor interval, drop jobs that finished more than job_ttl_s ago from this
+    replica's memory. Workers delete the jobs they ran (state, table entry, image); jobs
+    answered from the caption cache never reached a worker, so their tombstone comes
+    from here (every replica may send it: a repeated tombstone is harmless)."""
+    while True:
+        await asyncio.sleep(settings.janitor_interval_s)
+        cutoff = utcnow() - timedelta(seconds=settings.job_ttl_s)
+        for state in view.expired(cutoff):
+            view.forget(state.job_id)
+            if state.cached_from is not None:
+                try:
+                    await publisher.publish_tombstone(state.job_id)
+                except KafkaError as exc:
+                    log.warning("could not expire job %s: %r", state.job_id, exc)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -54,6 +77,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         view.terminal_listeners.append(observe_terminal)
         fetcher = ImageFetcher(FetchPolicy.from_settings(settings))
+        sweeper: asyncio.Task[None] | None = None
         try:
             await follower.start(settings.view_catch_up_timeout_s)
             app.state.settings = settings
@@ -66,8 +90,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.fetcher = fetcher
             app.state.limits = ImageLimits.from_settings(settings)
+            sweeper = asyncio.create_task(
+                sweep_expired_jobs(view, app.state.publisher, settings), name="ttl-sweep"
+            )
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await fetcher.aclose()
             await follower.stop()
             await producer.stop()

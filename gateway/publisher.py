@@ -18,10 +18,14 @@ class KafkaJobPublisher:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
 
+    async def publish_tombstone(self, job_id: str) -> None:
+        """Delete the job from the compacted job-state topic (and from every view)."""
+        await self.producer.send_and_wait(TOPICS.job_state.name, None, key=job_id.encode())
+
     async def publish_cancel_request(self, job_id: str) -> None:
         request = JobCancelRequested(job_id=job_id, requested_at=utcnow())
         await self.producer.send_and_wait(
-            TOPICS.cancellations.name, request.model_dump_json().encode(), key=job_id.encode()
+            TOPICS.control.name, request.model_dump_json().encode(), key=job_id.encode()
         )
 
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:

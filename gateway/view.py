@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -105,6 +106,23 @@ class JobView:
                     log.exception("terminal-state listener %r failed", listener)
         return True
 
+    def forget(self, job_id: str) -> None:
+        """Drop an expired job (a tombstone on the job-state topic, or the TTL sweep)."""
+        state = self._jobs.pop(job_id, None)
+        if state is None:
+            return
+        self._by_status[state.status] -= 1
+        if state.idempotency_key and self._by_idempotency_key.get(state.idempotency_key) == job_id:
+            del self._by_idempotency_key[state.idempotency_key]
+        if state.cache_key and self._success_by_cache_key.get(state.cache_key) == job_id:
+            del self._success_by_cache_key[state.cache_key]
+
+    def expired(self, cutoff: datetime) -> list[JobState]:
+        """Jobs that finished before `cutoff`."""
+        return [
+            s for s in self._jobs.values() if s.finished_at is not None and s.finished_at < cutoff
+        ]
+
     async def follow(self, job_id: str) -> AsyncIterator[JobState]:
         """The job's current state, then every change, ending after a terminal state.
 
@@ -177,7 +195,7 @@ class JobStateFollower:
                 continue
             for records in batches.values():
                 for record in records:
-                    self._apply(record.value)
+                    self._apply(record.key, record.value)
             if pending:
                 for tp in list(pending):
                     if await self.consumer.position(tp) >= pending[tp]:
@@ -185,9 +203,11 @@ class JobStateFollower:
                 if not pending:
                     self.caught_up.set()
 
-    def _apply(self, raw: bytes | None) -> None:
-        if raw is None:
-            return  # tombstone
+    def _apply(self, key: bytes | None, raw: bytes | None) -> None:
+        if raw is None:  # a tombstone: the job expired
+            if key is not None:
+                self.view.forget(key.decode(errors="replace"))
+            return
         try:
             self.view.apply(decode_job_state(raw))
         except EventDecodeError as exc:

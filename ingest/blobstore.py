@@ -7,8 +7,10 @@ volume); an object store can implement the same three methods.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
@@ -55,6 +57,11 @@ class LocalBlobStore:
 
     def put_sync(self, data: bytes, sha256: str, extension: str) -> str:
         path = self._path_for(sha256, extension)
+        if path.exists():
+            # Content-addressed: many jobs can share one blob. Its mtime is its last use,
+            # so expiry never deletes a blob a recent job still needs.
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -72,6 +79,17 @@ class LocalBlobStore:
             return self.path_of(ref).read_bytes()
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise BlobNotFound(f"image {ref!r} is not in the blob store") from exc
+
+    def delete_if_idle_sync(self, ref: str, idle_s: float) -> bool:
+        """Delete the blob unless a job stored it (again) within the last `idle_s`."""
+        path = self.path_of(ref)
+        try:
+            if time.time() - path.stat().st_mtime < idle_s:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     async def put(self, data: bytes, sha256: str, extension: str) -> str:
         return await asyncio.to_thread(self.put_sync, data, sha256, extension)

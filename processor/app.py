@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from schemas.events import (
     CaptionProduced,
     EventDecodeError,
     ImageSubmitted,
+    JobCancelRequested,
+    JobExpiryDue,
     JobState,
-    decode_cancel_request,
+    decode_job_control,
     decode_job_state,
     utcnow,
 )
@@ -128,6 +130,10 @@ class TopicSink:
     ) -> None:
         fut = await topic.send(key=key, value=value, headers=headers)
         await fut
+
+    async def forget(self, job_id: str) -> None:
+        """A tombstone on the compacted job-state topic: gateways drop the job."""
+        await self._send(self.job_state, job_id.encode(), None)
 
     async def publish_state(self, state: JobState) -> None:
         await self._send(self.job_state, state.job_id.encode(), state.model_dump_json().encode())
@@ -230,7 +236,7 @@ def create_app(
         value_type=bytes,
         options=ROCKSDB_OPTIONS,
     )
-    cancellations = raw_topic(TOPICS.cancellations.name)
+    control = raw_topic(TOPICS.control.name)
     # One inference thread per worker: the model is not re-entrant, and one batch at a
     # time on all cores beats two batches fighting over them.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -264,18 +270,46 @@ def create_app(
             )
             metrics.observe_finals(finals)
 
-    @app.agent(cancellations)
-    async def record_cancellations(stream: Any) -> None:
-        """Remember cancellation requests; the captioning agent honours them for jobs it
-        has not started."""
+    @app.agent(control)
+    async def handle_job_control(stream: Any) -> None:
+        """Cancellation requests are remembered (the captioning agent honours them for
+        jobs it has not started); expiries delete the job's state everywhere, and its
+        image unless a newer job uses it."""
         async for event in stream.events():
             try:
-                request = decode_cancel_request(event.value)
+                request = decode_job_control(event.value)
             except EventDecodeError as exc:
-                log.error("ignoring a malformed cancellation request: %s", exc)
+                log.error("ignoring a malformed job-control request: %s", exc)
                 continue
-            cancelled[request.job_id.encode()] = request.requested_at.isoformat().encode()
-            log.info("job %s: cancellation requested", request.job_id)
+            key = request.job_id.encode()
+            if isinstance(request, JobCancelRequested):
+                cancelled[key] = request.requested_at.isoformat().encode()
+                log.info("job %s: cancellation requested", request.job_id)
+                continue
+            if jobs.get(key) is None:
+                continue  # already expired (the janitor may ask twice)
+            del jobs[key]
+            if cancelled.get(key) is not None:
+                del cancelled[key]
+            await sink.forget(request.job_id)
+            if request.image_ref is not None:
+                await asyncio.to_thread(
+                    blobs.delete_if_idle_sync, request.image_ref, settings.job_ttl_s
+                )
+            log.info("job %s expired and deleted", request.job_id)
+
+    @app.timer(interval=settings.janitor_interval_s)  # type: ignore[untyped-decorator]
+    async def find_expired_jobs(*_: Any) -> None:  # Faust passes the app to timers
+        """Ask, through the job-control topic, to delete this worker's jobs that finished
+        more than job_ttl_s ago (the request's partition is the job's, so the deletion
+        runs where Faust can write the tables)."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=settings.job_ttl_s)
+        for key, raw in list(jobs.items()):
+            state = decode_job_state(raw)
+            if state.finished_at is not None and state.finished_at < cutoff:
+                due = JobExpiryDue(job_id=state.job_id, image_ref=state.image_ref, due_at=now)
+                await control.send(key=key, value=due.model_dump_json().encode())
 
     @app.agent(retries)
     async def release_retries(stream: Any) -> None:

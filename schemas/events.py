@@ -115,6 +115,18 @@ class JobCancelRequested(_Event):
     requested_at: datetime
 
 
+class JobExpiryDue(_Event):
+    """A finished job outlived the TTL: forget its state and, if unused, its image."""
+
+    type: Literal["job.expiry_due"] = "job.expiry_due"
+    job_id: str
+    image_ref: str | None = None
+    due_at: datetime
+
+
+JobControl = Annotated[JobCancelRequested | JobExpiryDue, Field(discriminator="type")]
+
+
 CaptionEvent = Annotated[CaptionProduced | CaptionFailed, Field(discriminator="type")]
 
 
@@ -149,6 +161,7 @@ class JobState(_Event):
         default=None, description="Digest of image content and options (caption cache)."
     )
     model: str | None = Field(default=None, description="The model that made the caption.")
+    image_ref: str | None = Field(default=None, description="Where the image is stored.")
     cached_from: str | None = Field(
         default=None, description="The job whose caption was reused, on a cache hit."
     )
@@ -181,6 +194,7 @@ class JobState(_Event):
                 "idempotency_key": event.idempotency_key,
                 "request_digest": event.request_digest,
                 "cache_key": caption_cache_key(event.sha256, event.options),
+                "image_ref": event.image_ref,
             }
         )
 
@@ -214,5 +228,13 @@ def decode_caption_event(raw: bytes | str) -> CaptionProduced | CaptionFailed:
         raise EventDecodeError(f"not a valid caption event v{SCHEMA_VERSION}: {exc}") from exc
 
 
-def decode_cancel_request(raw: bytes | str | None) -> JobCancelRequested:
-    return _decode(JobCancelRequested, raw)
+_control_adapter: TypeAdapter[JobCancelRequested | JobExpiryDue] = TypeAdapter(JobControl)
+
+
+def decode_job_control(raw: bytes | str | None) -> JobCancelRequested | JobExpiryDue:
+    if raw is None:
+        raise EventDecodeError("empty message where a job-control request was expected")
+    try:
+        return _control_adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"not a valid job-control request v{SCHEMA_VERSION}: {exc}") from exc

@@ -28,9 +28,10 @@ class Topics:
     retries: TopicSpec = TopicSpec("captionstream.images.retry.v1")
     # Messages that could not be processed, verbatim, with the reason in headers.
     dead_letters: TopicSpec = TopicSpec("captionstream.dead-letters.v1")
-    # Cancellation requests (`JobCancelRequested`), gateway -> processor. Internal. A
-    # topic of its own, so a request is seen long before a backlog reaches the job.
-    cancellations: TopicSpec = TopicSpec("captionstream.cancellations.v1")
+    # Requests about existing jobs (`JobCancelRequested`, `JobExpiryDue`) to the
+    # processor. Internal. A topic of its own, so a cancellation is seen long before a
+    # backlog of images reaches the job.
+    control: TopicSpec = TopicSpec("captionstream.job-control.v1")
 
     def all(self) -> tuple[TopicSpec, ...]:
         return (
@@ -39,7 +40,7 @@ class Topics:
             self.job_state,
             self.retries,
             self.dead_letters,
-            self.cancellations,
+            self.control,
         )
 
 

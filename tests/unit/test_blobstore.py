@@ -145,3 +145,23 @@ async def test_different_content_gets_different_refs(store: LocalBlobStore) -> N
     assert ref_a != ref_b
     assert await store.get(ref_a) == DATA
     assert await store.get(ref_b) == other
+
+
+def test_delete_if_idle_keeps_a_blob_a_recent_job_stored_again(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    ref = store.put_sync(b"same bytes", "ab" * 32, ".png")
+    path = store.path_of(ref)
+    old = time.time() - 100
+    os.utime(path, (old, old))
+    assert store.delete_if_idle_sync(ref, idle_s=10) is True
+    assert not path.exists()
+
+    ref = store.put_sync(b"same bytes", "ab" * 32, ".png")
+    os.utime(store.path_of(ref), (old, old))
+    store.put_sync(b"same bytes", "ab" * 32, ".png")  # a new job with the same content
+    assert store.delete_if_idle_sync(ref, idle_s=10) is False
+    assert store.get_sync(ref) == b"same bytes"
+    assert store.delete_if_idle_sync(store.root.as_uri() + "/zz/gone.png", idle_s=0) is False

@@ -324,3 +324,16 @@ def test_json_schema_requires_the_event_type() -> None:
     schema = json.loads(jsonschema.render()["caption.produced.v1.schema.json"])
     assert schema["$id"] == "captionstream/caption.produced.v1.schema.json"
     assert schema["properties"]["type"]["const"] == "caption.produced"
+
+
+def test_job_control_requests_decode_by_type() -> None:
+    from schemas.events import JobCancelRequested, JobExpiryDue, decode_job_control
+
+    cancel = JobCancelRequested(job_id="j1", requested_at=T0)
+    expire = JobExpiryDue(job_id="j2", image_ref="file:///x.png", due_at=T0)
+    assert decode_job_control(cancel.model_dump_json()) == cancel
+    assert decode_job_control(expire.model_dump_json()) == expire
+    with pytest.raises(EventDecodeError):
+        decode_job_control(b'{"type": "job.reboot", "job_id": "j3"}')
+    with pytest.raises(EventDecodeError):
+        decode_job_control(None)

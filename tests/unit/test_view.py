@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -145,3 +145,29 @@ def test_pending_published_late_never_replaces_progress() -> None:
     assert state is not None
     assert state.status is JobStatus.STARTED
     assert view.apply(success()) is True
+
+
+def test_forget_drops_the_job_and_its_indexes() -> None:
+    view = JobView()
+    done = success().model_copy(update={"idempotency_key": "k1", "cache_key": "c1"})
+    view.apply(done)
+    assert view.find_by_idempotency_key("k1") == done
+    assert view.find_cached("c1") == done
+    view.forget("job-1")
+    assert view.get("job-1") is None
+    assert view.find_by_idempotency_key("k1") is None
+    assert view.find_cached("c1") is None
+    assert view.count_by_status()[JobStatus.SUCCESS] == 0
+    view.forget("job-1")  # twice is harmless
+
+
+def test_expired_lists_only_jobs_finished_before_the_cutoff() -> None:
+    view = JobView()
+    view.apply(success("old"))
+    view.apply(started("running"))
+    finished = view.get("old")
+    assert finished is not None
+    assert finished.finished_at is not None
+    assert [s.job_id for s in view.expired(finished.finished_at)] == []
+    later = finished.finished_at + timedelta(seconds=1)
+    assert [s.job_id for s in view.expired(later)] == ["old"]
