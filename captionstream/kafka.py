@@ -111,3 +111,31 @@ async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[Top
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)
     return tps
+
+
+async def start_topic_reader(
+    bootstrap: str, topic: str, *, from_end: bool = False
+) -> AIOKafkaConsumer:
+    """A started group-less consumer holding every partition of `topic`, positioned at the
+    beginning (or at the end: only right on Tansu with one record per produce batch, which
+    this project's producers use). For tools that read a whole topic; the caller stops it.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    try:
+        await consumer.start()
+        tps = await assign_whole_topic(consumer, topic)
+        if from_end:
+            for tp, end in (await consumer.end_offsets(tps)).items():
+                consumer.seek(tp, end)
+    except (KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise BrokerError(
+            f"cannot read {topic} from Kafka at {bootstrap} ({exc!r}); start it with "
+            "`captionstream broker` or set CAPTIONSTREAM_KAFKA_BOOTSTRAP"
+        ) from exc
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer

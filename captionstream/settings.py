@@ -212,3 +212,20 @@ class ProcessorSettings(CommonSettings):
     torch_threads: int | None = Field(
         default=None, description="Intra-op threads; default: the cores this process may use."
     )
+
+
+class BulkIngestSettings(IngestSettings):
+    """`captionstream ingest`: many local images straight to Kafka (flags override these)."""
+
+    ingest_concurrency: int = Field(
+        default=64, ge=1, description="Images submitted but not yet finished, at most."
+    )
+    ingest_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long to wait for one job's result after submitting it (or, for a "
+        "job resumed from an interrupted run, after this run started).",
+    )
+    kafka_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long one submit waits for Kafka."
+    )
