@@ -1,8 +1,10 @@
-"""The `captionstream` command: run the broker, a worker, a gateway, or all of them."""
+"""The `captionstream` command: run the broker, a worker, a gateway, or all of them; bulk-
+ingest images straight to Kafka; print the captions topic."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from captionstream.broker import EmbeddedBroker, die_with_parent
@@ -18,6 +21,7 @@ from captionstream.errors import CaptionstreamError
 from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
+    BulkIngestSettings,
     CommonSettings,
     GatewaySettings,
     KafkaProfile,
@@ -118,6 +122,81 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Submit many images straight to Kafka; results as JSON lines in --out (resumable)."""
+    from pydantic import ValidationError
+
+    from ingest.bulk import BulkIngestError, run_bulk_ingest
+    from schemas.events import GenerationOptions
+
+    options = None
+    if args.options_json is not None:
+        try:
+            options = GenerationOptions.model_validate_json(args.options_json)
+        except ValidationError as exc:
+            raise BulkIngestError(f"--options-json: {exc}") from exc
+    summary = run_bulk_ingest(
+        args.source,
+        args.out,
+        BulkIngestSettings(),
+        options=options,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        progress={"auto": None, "on": True, "off": False}[args.progress],
+    )
+    log.info(
+        "%s: %d SUCCESS, %d FAILURE, %d REJECTED this run; %d already done before",
+        args.out,
+        summary.success,
+        summary.failure,
+        summary.rejected,
+        summary.skipped,
+    )
+    if summary.unfinished:
+        log.warning(
+            "%d submitted images have no result yet (listed in %s.pending); run the same "
+            "command again to wait for them",
+            summary.unfinished,
+            args.out,
+        )
+    return summary.exit_code
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the captions topic as JSON lines on stdout."""
+    from captionstream.tail import tail_captions
+
+    settings = CommonSettings()
+    try:
+        asyncio.run(
+            tail_captions(
+                settings.bootstrap,
+                sys.stdout,
+                from_beginning=args.from_beginning,
+                max_events=args.max,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `captionstream tail | head`: the reader is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captionstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +208,49 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run broker + worker + gateway (what `make run` does)")
     up.add_argument("--broker-port", type=int, default=None)
     up.set_defaults(func=cmd_up)
+    ingest = sub.add_parser(
+        "ingest",
+        help="submit many images straight to Kafka and write the results as JSON lines",
+        description="Submit a directory (recursive), one image, or a manifest (.txt: one "
+        'path per line; .jsonl: {"path": ..., "options": {...}} per line) straight to '
+        "Kafka, wait for the captions and append one JSON line per image to --out. "
+        "Rerunning the same command skips images already in --out and waits for those "
+        "submitted but unfinished (--out + .pending) instead of submitting them again.",
+    )
+    ingest.add_argument("source", type=Path, help="directory, image file, or manifest")
+    ingest.add_argument("--out", type=Path, required=True, help="results (JSONL); the journal")
+    ingest.add_argument(
+        "--options-json",
+        default=None,
+        help="generation options for every image, e.g. '{\"max_new_tokens\": 20}'",
+    )
+    ingest.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="images submitted but not finished, at most (default: "
+        "CAPTIONSTREAM_INGEST_CONCURRENCY or 64)",
+    )
+    ingest.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds to wait for one image's result (default: "
+        "CAPTIONSTREAM_INGEST_TIMEOUT_S or 600); late ones stay pending for a rerun",
+    )
+    ingest.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress bars on stderr (auto: when stderr is a terminal)",
+    )
+    ingest.set_defaults(func=cmd_ingest)
+    tail = sub.add_parser("tail", help="print the captions topic as JSON lines")
+    tail.add_argument(
+        "--from-beginning", action="store_true", help="from the start (default: new events)"
+    )
+    tail.add_argument("--max", type=_positive_int, default=None, help="exit after N events")
+    tail.set_defaults(func=cmd_tail)
     return parser
 
 

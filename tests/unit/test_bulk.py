@@ -1,5 +1,5 @@
 """Bulk ingest without a broker: what gets ingested (directories, manifests), the journal
-that makes a rerun resume, and the list of awaited jobs."""
+that makes a rerun resume, the list of awaited jobs, and `captionstream tail`'s lines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from captionstream.cli import build_parser
 from captionstream.errors import ImageTooLarge
+from captionstream.tail import event_line
 from ingest.bulk import (
     BulkIngestError,
     Journal,
@@ -306,3 +308,34 @@ def test_progress_bars_show_submitted_and_finished_on_stderr(
     assert "submitted: 100%" in captured.err
     assert "5/5" in captured.err
     assert "rejected=1" in captured.err
+
+
+def test_cli_arguments() -> None:
+    args = build_parser().parse_args(
+        ["ingest", "imgs", "--out", "o.jsonl", "--concurrency", "4", "--timeout", "2.5"]
+    )
+    assert (args.source, args.out, args.concurrency, args.timeout) == (
+        Path("imgs"),
+        Path("o.jsonl"),
+        4,
+        2.5,
+    )
+    assert args.options_json is None
+    assert args.progress == "auto"
+    tail = build_parser().parse_args(["tail", "--from-beginning", "--max", "3"])
+    assert (tail.from_beginning, tail.max) == (True, 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "imgs", "--out", "o", "--concurrency", "0"])
+
+
+# --- tail -------------------------------------------------------------------------------
+
+
+def test_tail_prints_events_as_published_and_skips_what_is_not_an_event() -> None:
+    raw = b'{"type":"caption.produced","caption":"a cat"}'
+    assert event_line(raw) == raw.decode()
+    assert event_line(None) is None
+    assert event_line(b"\xff\xfe") is None
+    assert event_line(b"not json") is None
+    assert event_line(b"[1, 2]") is None
+    assert event_line(b'{\n  "type": "x"\n}') == '{"type": "x"}'
