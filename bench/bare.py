@@ -83,18 +83,20 @@ def measure(
                 f"{time.perf_counter() - t0:.1f} s"
             )
 
-        point = _timed(captioner, pool, precision, size, batches, progress)
+        point = latest = _timed(captioner, pool, precision, size, batches, progress)
         for _ in range(retries):
-            if not disturbed(point):
+            if not disturbed(latest):
                 break
             progress(
                 f"bare {precision} batch {size}: other processes used "
-                f"{point.other_cores:.2f} cores meanwhile; measuring again when quieter"
+                f"{latest.other_cores:.2f} cores meanwhile; measuring again when quieter"
             )
-            wait_for_quiet(quiet_threshold, timeout_s=quiet_wait_s, progress=progress)
-            again = _timed(captioner, pool, precision, size, batches, progress)
-            if (again.other_cores or 0.0) < (point.other_cores or 0.0):
-                point = again
+            still = wait_for_quiet(quiet_threshold, timeout_s=quiet_wait_s, progress=progress)
+            if still is not None and still > quiet_threshold:
+                break  # measuring again now would be just as disturbed
+            latest = _timed(captioner, pool, precision, size, batches, progress)
+            if (latest.other_cores or 0.0) < (point.other_cores or 0.0):
+                point = latest
         progress(f"bare {precision} batch {size}: {point.images_per_s:.2f} images/s")
         points.append(point)
     del captioner
