@@ -732,6 +732,9 @@ def run_bulk_ingest(
             summary = asyncio.run(main())
     except asyncio.CancelledError:  # a second signal
         summary = run.summary
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        summary = run.summary
+        summary.interrupted_by = signal.SIGINT
     finally:
         bars.close()
         journal.close()
