@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -139,3 +139,14 @@ async def start_topic_reader(
         await consumer.stop()
         raise
     return consumer
+
+
+def submission_producer(settings: CommonSettings, timeout_s: float) -> AIOKafkaProducer:
+    """The producer that accepts jobs (gateway, bulk ingest): acks from all replicas,
+    and a submit waits at most `timeout_s` for Kafka before it fails."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        acks="all",
+        request_timeout_ms=int(timeout_s * 1000),
+        **tuning_for(settings.profile).aiokafka_producer_kwargs(),
+    )

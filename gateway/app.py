@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from captionstream.errors import CaptionstreamError
-from captionstream.kafka import ensure_topics, tuning_for
+from captionstream.kafka import ensure_topics, submission_producer
 from captionstream.settings import GatewaySettings
 from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
@@ -57,13 +56,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         allow_pixels(settings.max_pixels)
         await ensure_topics(settings)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap,
-            acks="all",
-            # A submit waits at most this long for Kafka before answering 503.
-            request_timeout_ms=int(settings.kafka_timeout_s * 1000),
-            **tuning_for(settings.profile).aiokafka_producer_kwargs(),
-        )
+        # A submit waits at most kafka_timeout_s for Kafka before answering 503.
+        producer = submission_producer(settings, settings.kafka_timeout_s)
         await producer.start()
         view = JobView()
         follower = JobStateFollower(view, settings.bootstrap, TOPICS.job_state.name)

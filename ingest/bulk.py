@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from captionstream.errors import BrokerError, CaptionstreamError, ImageRejected, ImageTooLarge
-from captionstream.kafka import ensure_topics, start_topic_reader, tuning_for
+from captionstream.kafka import ensure_topics, start_topic_reader, submission_producer
 from captionstream.settings import BulkIngestSettings
 from gateway.publisher import KafkaJobPublisher
 from ingest.blobstore import LocalBlobStore
@@ -488,7 +488,7 @@ class BulkIngest:
         self.journal = journal
         self.timeout_s = timeout_s
         self.progress = progress
-        self.limits = ImageLimits(settings.max_upload_bytes, settings.max_pixels)
+        self.limits = ImageLimits.from_settings(settings)
         self.blobs = LocalBlobStore(settings.blob_dir)
         self.slots = asyncio.Semaphore(concurrency)
         self.waiter = ResultWaiter(self._on_done)
@@ -613,12 +613,7 @@ class BulkIngest:
         settings = self.settings
         allow_pixels(settings.max_pixels)
         await ensure_topics(settings)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap,
-            acks="all",
-            request_timeout_ms=int(settings.kafka_timeout_s * 1000),
-            **tuning_for(settings.profile).aiokafka_producer_kwargs(),
-        )
+        producer = submission_producer(settings, settings.kafka_timeout_s)
         try:
             await producer.start()
         except (KafkaError, OSError) as exc:
