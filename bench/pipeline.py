@@ -26,10 +26,16 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.stats import PipelineRun, group_batches
+from bench.stats import JobTimes, PipelineRun, group_batches, stage_medians
 from bench.system import DISTURBED_CORES, CpuMeter, wait_for_quiet
 from captionstream.broker import EmbeddedBroker, free_port
-from schemas.events import CaptionFailed, CaptionProduced, decode_caption_event
+from schemas.events import (
+    CaptionFailed,
+    CaptionProduced,
+    JobState,
+    decode_caption_event,
+    decode_job_state,
+)
 from schemas.topics import TOPICS
 
 Progress = Callable[[str], None]
@@ -69,9 +75,14 @@ class Stack:
 
     @property
     def pids(self) -> list[int]:
-        pids = [self.worker.popen.pid, self.gateway.popen.pid]
-        if self.broker._proc is not None:
-            pids.append(self.broker._proc.pid)
+        return list(self.components().values())
+
+    def components(self) -> dict[str, int]:
+        """Process ids by role, this benchmark's own process included."""
+        pids = {"worker": self.worker.popen.pid, "gateway": self.gateway.popen.pid}
+        if self.broker._proc is not None:  # EmbeddedBroker keeps its Popen private
+            pids["broker (Tansu)"] = self.broker._proc.pid
+        pids["benchmark clients"] = os.getpid()
         return pids
 
 
@@ -193,10 +204,8 @@ class CaptionWaiter:
     async def start(self) -> None:
         await self.consumer.start()
         topic = TOPICS.captions.name
+        await self.consumer.topics()  # fetches the cluster metadata
         partitions = self.consumer.partitions_for_topic(topic)
-        if not partitions:
-            await self.consumer.force_metadata_update()
-            partitions = self.consumer.partitions_for_topic(topic)
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist")
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -228,6 +237,49 @@ class CaptionWaiter:
         await self.consumer.stop()
 
 
+async def final_states(
+    bootstrap: str, job_ids: set[str], timeout_s: float = 30
+) -> dict[str, JobState]:
+    """The terminal state of each of `job_ids`, read from the job-state topic."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        topic = TOPICS.job_state.name
+        await consumer.topics()  # fetches the cluster metadata
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        found: dict[str, JobState] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(job_ids) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    state = decode_job_state(record.value)
+                    if state.job_id in job_ids and state.status.terminal:
+                        found[state.job_id] = state
+        return found
+    finally:
+        await consumer.stop()
+
+
+def job_times(results: Sequence[JobResult], states: dict[str, JobState]) -> list[JobTimes]:
+    times = []
+    for r in results:
+        state = states.get(r.event.job_id)
+        if not isinstance(r.event, CaptionProduced) or state is None:
+            continue
+        if state.started_at is None or state.finished_at is None:
+            continue
+        times.append(
+            JobTimes(
+                started=state.started_at.timestamp(),
+                produced=r.event.produced_at.timestamp(),
+                finished=state.finished_at.timestamp(),
+            )
+        )
+    return times
+
+
 async def closed_loop(
     http: httpx.AsyncClient,
     waiter: CaptionWaiter,
@@ -257,6 +309,15 @@ async def closed_loop(
     return results
 
 
+@dataclass(frozen=True)
+class Drive:
+    wall_s: float
+    results: list[JobResult]
+    other_cores: float | None
+    states: dict[str, JobState]
+    cores: dict[str, float | None]
+
+
 async def _drive(
     stack: Stack,
     warmup: Sequence[bytes],
@@ -264,7 +325,7 @@ async def _drive(
     in_flight: int,
     progress: Progress,
     quiet_wait_s: float,
-) -> tuple[float, list[JobResult], float | None]:
+) -> Drive:
     waiter = CaptionWaiter(stack.broker.bootstrap)
     await waiter.start()
     try:
@@ -305,7 +366,11 @@ async def _drive(
             finally:
                 reporter.cancel()
             wall = time.monotonic() - start
-            return wall, results, meter.stop()
+            other = meter.stop()
+            cores = {name: meter.cores_of(pid) for name, pid in stack.components().items()}
+            ids = {r.event.job_id for r in results}
+            states = await final_states(stack.broker.bootstrap, ids)
+            return Drive(wall, results, other, states, cores)
     finally:
         await waiter.stop()
 
@@ -338,25 +403,25 @@ def measure(
         keep=keep,
         progress=progress,
     ) as stack:
-        wall, results, other = asyncio.run(
-            _drive(stack, warmup, timed, in_flight, progress, quiet_wait_s)
-        )
+        drive = asyncio.run(_drive(stack, warmup, timed, in_flight, progress, quiet_wait_s))
         loaded = next(
             (line for line in stack.worker.log().splitlines() if "loaded model" in line), ""
         )
-    produced = [r for r in results if isinstance(r.event, CaptionProduced)]
+    produced = [r for r in drive.results if isinstance(r.event, CaptionProduced)]
     events = [r.event for r in produced if isinstance(r.event, CaptionProduced)]
     run = PipelineRun(
         precision=precision,
         max_batch_size=max_batch_size,
         max_batch_wait_s=max_batch_wait_s,
         in_flight=in_flight,
-        images=len(results),
-        wall_s=wall,
+        images=len(drive.results),
+        wall_s=drive.wall_s,
         latencies_s=tuple(r.latency_s for r in produced),
         client_latencies_s=tuple(r.client_latency_s for r in produced),
-        failed=len(results) - len(produced),
-        other_cores=other,
+        failed=len(drive.results) - len(produced),
+        other_cores=drive.other_cores,
         batches=tuple(group_batches([e.produced_at.timestamp() for e in events])),
+        stages=tuple(stage_medians(job_times(produced, drive.states)).items()),
+        cores=tuple((name, c) for name, c in drive.cores.items() if c is not None),
     )
     return run, loaded

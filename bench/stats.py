@@ -30,23 +30,66 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def group_batches(times: Sequence[float], gap_s: float = 0.02) -> list[tuple[int, float]]:
-    """Recover the worker's batches from its events' `produced_at` times (seconds).
-
-    The worker stamps a batch's events in one loop right after inference, so events
-    closer than `gap_s` belong to one batch. Returns (size, time of its first event)
-    per batch, in time order.
-    """
-    batches: list[tuple[int, float]] = []
-    last = None
-    for t in sorted(times):
-        if last is not None and t - last <= gap_s:
-            size, first = batches[-1]
-            batches[-1] = (size + 1, first)
+def clusters(times: Sequence[float], gap_s: float) -> list[list[int]]:
+    """Indices of `times` grouped into runs whose neighbours are at most `gap_s` apart,
+    in time order."""
+    groups: list[list[int]] = []
+    last: float | None = None
+    for i in sorted(range(len(times)), key=lambda i: times[i]):
+        if last is not None and times[i] - last <= gap_s:
+            groups[-1].append(i)
         else:
-            batches.append((1, t))
-        last = t
-    return batches
+            groups.append([i])
+        last = times[i]
+    return groups
+
+
+# The worker stamps a batch's caption events in one loop right after inference.
+BATCH_GAP_S = 0.02
+
+
+def group_batches(times: Sequence[float], gap_s: float = BATCH_GAP_S) -> list[tuple[int, float]]:
+    """Recover the worker's batches from its events' `produced_at` times (seconds):
+    (size, time of its first event) per batch, in time order."""
+    return [(len(g), times[g[0]]) for g in clusters(times, gap_s)]
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """When the worker did what for one job (epoch seconds, from its events)."""
+
+    started: float  # STARTED state made (`started_at`), before it is written
+    produced: float  # caption event made (`produced_at`), right after inference
+    finished: float  # final state made (`finished_at`), after the caption was written
+
+
+STAGES = (
+    "STARTED writes",
+    "captioning (blob read, decode, model)",
+    "result writes",
+    "until the next batch starts",
+)
+
+
+def stage_medians(jobs: Sequence[JobTimes], gap_s: float = BATCH_GAP_S) -> dict[str, float]:
+    """Median seconds per batch spent in each of `STAGES` by the worker."""
+    groups = clusters([j.produced for j in jobs], gap_s)
+    spans = []
+    for group in groups:
+        batch = [jobs[i] for i in group]
+        first_started = min(j.started for j in batch)
+        last_started = max(j.started for j in batch)
+        produced = min(j.produced for j in batch)
+        finished = max(j.finished for j in batch)
+        spans.append((first_started, last_started, produced, finished))
+    values: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for n, (first_started, last_started, produced, finished) in enumerate(spans):
+        values[STAGES[0]].append(last_started - first_started)
+        values[STAGES[1]].append(produced - last_started)
+        values[STAGES[2]].append(finished - produced)
+        if n + 1 < len(spans):
+            values[STAGES[3]].append(spans[n + 1][0] - finished)
+    return {stage: percentile(v, 50) for stage, v in values.items() if v}
 
 
 @dataclass(frozen=True)
@@ -107,6 +150,8 @@ class PipelineRun:
     failed: int = 0
     other_cores: float | None = None
     batches: tuple[tuple[int, float], ...] = ()  # (size, produced_at) seen: `group_batches`
+    stages: tuple[tuple[str, float], ...] = ()  # `stage_medians`, as (stage, seconds)
+    cores: tuple[tuple[str, float], ...] = ()  # CPU used per process (role, cores)
 
     @property
     def images_per_s(self) -> float:
@@ -277,6 +322,29 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
                 bare_batch = best.seconds / len(best.batch_seconds)
                 line += f" (bare: {bare_batch:.2f} s per batch of {best.batch_size})"
         lines += ["", line + "."]
+    if run.cores:
+        lines += [
+            "",
+            *_table(
+                ["process", "CPU (cores, mean)", "CPU s per image"],
+                [
+                    [name, f"{cores:.2f}", f"{cores * run.wall_s / run.images:.3f}"]
+                    for name, cores in run.cores
+                ],
+            ),
+        ]
+    if run.stages:
+        cycle = sum(seconds for _, seconds in run.stages)
+        lines += [
+            "",
+            *_table(
+                ["worker, per batch (median)", "s", "share"],
+                [
+                    [stage, f"{seconds:.3f}", f"{seconds / cycle:.0%}"]
+                    for stage, seconds in run.stages
+                ],
+            ),
+        ]
     return lines
 
 

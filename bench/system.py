@@ -62,7 +62,11 @@ def _read(path: str) -> str | None:
 class _Sample:
     at: float
     machine: int
-    ours: int
+    per_pid: dict[int, int]
+
+    @property
+    def ours(self) -> int:
+        return sum(self.per_pid.values())
 
 
 class CpuMeter:
@@ -71,30 +75,38 @@ class CpuMeter:
     def __init__(self, pids: Iterable[int] = ()) -> None:
         self.pids = {os.getpid(), *pids}
         self._start: _Sample | None = None
+        self._end: _Sample | None = None
 
-    def _ours(self) -> int:
-        total = 0
+    def _per_pid(self) -> dict[int, int]:
+        ticks = {}
         for pid in self.pids:
             text = _read(f"/proc/{pid}/stat")
             if text is not None:
-                total += process_ticks_from_stat(text)
-        return total
+                ticks[pid] = process_ticks_from_stat(text)
+        return ticks
 
     def _sample(self) -> _Sample | None:
         text = _read("/proc/stat")
         if text is None:
             return None
-        return _Sample(time.monotonic(), busy_ticks_from_proc_stat(text), self._ours())
+        return _Sample(time.monotonic(), busy_ticks_from_proc_stat(text), self._per_pid())
 
     def start(self) -> None:
         self._start = self._sample()
 
     def stop(self) -> float | None:
-        end = self._sample()
+        self._end = end = self._sample()
         if self._start is None or end is None or end.at <= self._start.at:
             return None
         others = (end.machine - self._start.machine) - (end.ours - self._start.ours)
         return max(0.0, others / _TICKS / (end.at - self._start.at))
+
+    def cores_of(self, pid: int) -> float | None:
+        """Cores `pid` kept busy between `start()` and `stop()` on average."""
+        start, end = self._start, self._end
+        if start is None or end is None or pid not in start.per_pid or pid not in end.per_pid:
+            return None
+        return (end.per_pid[pid] - start.per_pid[pid]) / _TICKS / (end.at - start.at)
 
 
 def wait_for_quiet(

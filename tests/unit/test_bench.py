@@ -17,7 +17,9 @@ from bench.__main__ import build_parser, default_batch_wait
 from bench.images import synthetic_jpegs
 from bench.model import bert_style_vocab
 from bench.stats import (
+    STAGES,
     BarePoint,
+    JobTimes,
     LatencySummary,
     PipelineRun,
     Report,
@@ -26,6 +28,7 @@ from bench.stats import (
     group_batches,
     percentile,
     ratios,
+    stage_medians,
 )
 from bench.system import (
     busy_ticks_from_proc_stat,
@@ -280,3 +283,28 @@ def test_pipeline_batch_interval_and_report_line() -> None:
 def test_wait_for_quiet_returns_the_other_load() -> None:
     other = wait_for_quiet(100.0, timeout_s=0, window_s=0.05)  # any load counts as quiet
     assert other is None or other >= 0.0
+
+
+def test_stage_medians() -> None:
+    # two batches of two jobs: STARTED written 0.1 s apart, 1 s of captioning,
+    # results written within 0.3 s, the next batch starting 0.05 s later
+    jobs = [
+        JobTimes(started=0.0, produced=1.1, finished=1.3),
+        JobTimes(started=0.1, produced=1.1001, finished=1.4),
+        JobTimes(started=1.45, produced=2.55, finished=2.8),
+        JobTimes(started=1.55, produced=2.5501, finished=2.85),
+    ]
+    medians = stage_medians(jobs)
+    assert list(medians) == list(STAGES)
+    assert medians["STARTED writes"] == pytest.approx(0.1)
+    assert medians["captioning (blob read, decode, model)"] == pytest.approx(1.0)
+    assert medians["result writes"] == pytest.approx(0.3)
+    assert medians["until the next batch starts"] == pytest.approx(0.05)
+    assert stage_medians([]) == {}
+
+
+def test_stages_in_the_report() -> None:
+    run = PipelineRun("bf16", 8, 0.1, 16, 8, 1.0, (1.0,), (1.0,), stages=(("a", 0.75), ("b", 0.25)))
+    text = Report("b", {}, {}, [], run).markdown()
+    assert "| worker, per batch (median) | s | share |" in text
+    assert "| a | 0.750 | 75% |" in text
