@@ -53,6 +53,13 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE: {text!r}")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -128,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=60,
         help="before a retry and before the pipeline run, wait up to this long "
         "for other processes to go quiet (60)",
+    )
+    p.add_argument(
+        "--worker-env",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the pipeline's worker process (repeatable), "
+        "e.g. MALLOC_ARENA_MAX=1",
     )
     p.add_argument("--keep", action="store_true", help="keep the pipeline run dir and logs")
     p.add_argument("--note", action="append", default=[], help="add a note to the report")
@@ -238,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep=args.keep,
             progress=progress,
             quiet_wait_s=args.quiet_wait_s,
+            worker_env=dict(args.worker_env),
         )
         progress(f"pipeline: {run.images_per_s:.2f} images/s")
         notes.append(
@@ -267,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "new tokens per caption": str(args.new_tokens),
         "torch threads": str(torch.get_num_threads()),
+        "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
         "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
     }
     report = Report("captionstream benchmark", machine, settings, points, run, notes)

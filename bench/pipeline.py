@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +117,7 @@ def running_stack(
     new_tokens: int,
     keep: bool,
     progress: Progress,
+    worker_env: Mapping[str, str] | None = None,
 ) -> Iterator[Stack]:
     run_dir = Path(tempfile.mkdtemp(prefix="pipeline-", dir=cache_dir))
     broker = EmbeddedBroker(port=free_port(), log_file=run_dir / "broker.log")
@@ -152,7 +153,7 @@ def running_stack(
     try:
         broker.start()
         progress(f"pipeline: broker on {broker.bootstrap}; starting worker and gateway")
-        worker = spawn("worker")
+        worker = spawn("worker", **(worker_env or {}))
         port = free_port()
         gateway = spawn("gateway", CAPTIONSTREAM_HOST="127.0.0.1", CAPTIONSTREAM_PORT=str(port))
         url = f"http://127.0.0.1:{port}"
@@ -390,6 +391,7 @@ def measure(
     keep: bool,
     progress: Progress,
     quiet_wait_s: float = 0,
+    worker_env: Mapping[str, str] | None = None,
 ) -> tuple[PipelineRun, str]:
     """Run the stack and the load; returns the result and the worker's model log line."""
     with running_stack(
@@ -402,6 +404,7 @@ def measure(
         new_tokens=new_tokens,
         keep=keep,
         progress=progress,
+        worker_env=worker_env,
     ) as stack:
         drive = asyncio.run(_drive(stack, warmup, timed, in_flight, progress, quiet_wait_s))
         loaded = next(

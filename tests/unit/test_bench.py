@@ -178,6 +178,10 @@ def test_cli_defaults_and_quick() -> None:
     assert (quick.quick, quick.batch_sizes, quick.precisions) == (True, [1, 2], ["bf16"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--batch-sizes", "0,4"])
+    env = build_parser().parse_args(["--worker-env", "A=1", "--worker-env", "B=x=y"]).worker_env
+    assert dict(env) == {"A": "1", "B": "x=y"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--worker-env", "NOVALUE"])
 
 
 # --- machine --------------------------------------------------------------------------------
