@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.stats import BarePoint
-from bench.system import DISTURBED_CORES, CpuMeter, wait_for_quiet
+from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from processor.captioner import BlipCaptioner, GenerationDefaults
 from schemas.events import GenerationOptions
 
@@ -117,6 +117,7 @@ def _timed(
     times: list[float] = []
     meter = CpuMeter()
     meter.start()
+    faults = minor_faults()
     for i in range(batches):
         batch = [next(pool) for _ in range(size)]
         t0 = time.perf_counter()
@@ -127,7 +128,15 @@ def _timed(
             f"bare {precision} batch {size}: batch {i + 1}/{batches} {times[-1]:.1f} s "
             f"({size / times[-1]:.2f} images/s)"
         )
-    return BarePoint(precision, size, tuple(times), other_cores=meter.stop())
+    other = meter.stop()
+    after = minor_faults()
+    return BarePoint(
+        precision,
+        size,
+        tuple(times),
+        other_cores=other,
+        page_faults=None if faults is None or after is None else after - faults,
+    )
 
 
 def _free_accelerator_memory() -> None:

@@ -27,7 +27,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.stats import JobTimes, PipelineRun, group_batches, stage_medians
-from bench.system import DISTURBED_CORES, CpuMeter, wait_for_quiet
+from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import (
     CaptionFailed,
@@ -316,7 +316,7 @@ class Drive:
     results: list[JobResult]
     other_cores: float | None
     states: dict[str, JobState]
-    cores: dict[str, float | None]
+    cores: dict[str, tuple[float | None, int | None]]  # per process: (cores, page faults)
 
 
 async def _drive(
@@ -361,6 +361,7 @@ async def _drive(
 
             meter = CpuMeter(stack.pids)
             meter.start()
+            faults = {name: minor_faults(pid) for name, pid in stack.components().items()}
             reporter = asyncio.create_task(report())
             try:
                 results = await closed_loop(http, waiter, timed, in_flight, 600, on_done)
@@ -368,7 +369,11 @@ async def _drive(
                 reporter.cancel()
             wall = time.monotonic() - start
             other = meter.stop()
-            cores = {name: meter.cores_of(pid) for name, pid in stack.components().items()}
+            cores = {}
+            for name, pid in stack.components().items():
+                before, after = faults[name], minor_faults(pid)
+                delta = None if before is None or after is None else after - before
+                cores[name] = (meter.cores_of(pid), delta)
             ids = {r.event.job_id for r in results}
             states = await final_states(stack.broker.bootstrap, ids)
             return Drive(wall, results, other, states, cores)
@@ -425,6 +430,8 @@ def measure(
         other_cores=drive.other_cores,
         batches=tuple(group_batches([e.produced_at.timestamp() for e in events])),
         stages=tuple(stage_medians(job_times(produced, drive.states)).items()),
-        cores=tuple((name, c) for name, c in drive.cores.items() if c is not None),
+        cores=tuple(
+            (name, c, faults) for name, (c, faults) in drive.cores.items() if c is not None
+        ),
     )
     return run, loaded

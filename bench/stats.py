@@ -121,6 +121,7 @@ class BarePoint:
     batch_size: int
     batch_seconds: tuple[float, ...]  # wall time of each timed batch
     other_cores: float | None = None  # CPU used meanwhile by processes not ours, in cores
+    page_faults: int | None = None  # minor page faults of this process while timed
 
     @property
     def images(self) -> int:
@@ -151,7 +152,8 @@ class PipelineRun:
     other_cores: float | None = None
     batches: tuple[tuple[int, float], ...] = ()  # (size, produced_at) seen: `group_batches`
     stages: tuple[tuple[str, float], ...] = ()  # `stage_medians`, as (stage, seconds)
-    cores: tuple[tuple[str, float], ...] = ()  # CPU used per process (role, cores)
+    # per process: (role, cores used on average, minor page faults) while timed
+    cores: tuple[tuple[str, float, int | None], ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -241,6 +243,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _per_image(count: int | None, images: int) -> str:
+    return "?" if count is None else f"{count / images:,.0f}"
+
+
 def _cores(value: float | None) -> str:
     return "?" if value is None else f"{value:.2f}"
 
@@ -258,6 +264,7 @@ def bare_table(points: Sequence[BarePoint]) -> list[str]:
                 f"{p.seconds / len(p.batch_seconds):.2f}",
                 f"**{p.images_per_s:.2f}**",
                 vs_ref,
+                _per_image(p.page_faults, p.images),
                 _cores(p.other_cores),
             ]
         )
@@ -268,6 +275,7 @@ def bare_table(points: Sequence[BarePoint]) -> list[str]:
         "s / batch",
         "images/s",
         "vs fp32 batch 1",
+        "page faults / image",
         "other load (cores)",
     ]
     return _table(header, rows)
@@ -326,10 +334,15 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
         lines += [
             "",
             *_table(
-                ["process", "CPU (cores, mean)", "CPU s per image"],
+                ["process", "CPU (cores, mean)", "CPU s / image", "page faults / image"],
                 [
-                    [name, f"{cores:.2f}", f"{cores * run.wall_s / run.images:.3f}"]
-                    for name, cores in run.cores
+                    [
+                        name,
+                        f"{cores:.2f}",
+                        f"{cores * run.wall_s / run.images:.3f}",
+                        _per_image(faults, run.images),
+                    ]
+                    for name, cores, faults in run.cores
                 ],
             ),
         ]

@@ -43,6 +43,17 @@ def process_ticks_from_stat(text: str) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the whole line
 
 
+def minor_faults_from_stat(text: str) -> int:
+    """Minor page faults of one process (all its threads), from /proc/<pid>/stat."""
+    return int(text[text.rindex(")") + 2 :].split()[7])  # field 10 of the whole line
+
+
+def minor_faults(pid: int | None = None) -> int | None:
+    """Minor page faults so far of `pid` (default: this process); None if unknown."""
+    text = _read(f"/proc/{pid or os.getpid()}/stat")
+    return None if text is None else minor_faults_from_stat(text)
+
+
 def cpu_model_from_cpuinfo(text: str) -> str:
     for line in text.splitlines():
         key, sep, value = line.partition(":")

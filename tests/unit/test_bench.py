@@ -33,6 +33,8 @@ from bench.stats import (
 from bench.system import (
     busy_ticks_from_proc_stat,
     cpu_model_from_cpuinfo,
+    minor_faults,
+    minor_faults_from_stat,
     process_ticks_from_stat,
     wait_for_quiet,
 )
@@ -83,7 +85,7 @@ def points() -> list[BarePoint]:
         BarePoint("fp32", 1, (1.0, 1.0)),  # 1.0 images/s
         BarePoint("fp32", 8, (8.0 / 1.2, 8.0 / 1.2)),  # 1.2
         BarePoint("bf16", 1, (0.5, 0.5), other_cores=0.01),  # 2.0
-        BarePoint("bf16", 8, (2.0, 2.0), other_cores=0.6),  # 4.0: the best
+        BarePoint("bf16", 8, (2.0, 2.0), other_cores=0.6, page_faults=16_000),  # 4.0: best
         BarePoint("bf16", 16, (5.0,)),  # 3.2
     ]
 
@@ -134,7 +136,8 @@ def test_bare_table() -> None:
     assert lines[0].startswith("| precision | batch |")
     assert len(lines) == 2 + len(points())
     assert {line.count("|") for line in lines} == {lines[0].count("|")}  # aligned columns
-    assert "| bf16 | 8 | 16 | 2.00 | **4.00** | 4.00x | 0.60 |" in lines
+    assert "| bf16 | 8 | 16 | 2.00 | **4.00** | 4.00x | 1,000 | 0.60 |" in lines
+    assert "| fp32 | 1 | 2 | 1.00 | **1.00** | 1.00x | ? | ? |" in lines
 
 
 def test_report_markdown() -> None:
@@ -198,6 +201,30 @@ def test_process_ticks_from_stat() -> None:
     # the command name may contain spaces and parentheses
     text = "1234 (python (bench) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 40 0 0 20 0 3 0"
     assert process_ticks_from_stat(text) == 250 + 40
+
+
+def test_minor_faults_from_stat() -> None:
+    text = "1234 (py (x)) S 1 1234 1234 0 -1 4194560 777 0 3 0 250 40 0 0 20 0 3 0"
+    assert minor_faults_from_stat(text) == 777
+    assert (minor_faults() or 0) > 0  # this process has touched memory
+
+
+def test_process_table_in_the_report() -> None:
+    run = PipelineRun(
+        "bf16",
+        8,
+        0.1,
+        16,
+        10,
+        5.0,
+        (1.0,),
+        (1.0,),
+        cores=(("worker", 1.9, 20_000), ("gateway", 0.02, None)),
+    )
+    text = Report("b", {}, {}, [], run).markdown()
+    assert "| process | CPU (cores, mean) | CPU s / image | page faults / image |" in text
+    assert "| worker | 1.90 | 0.950 | 2,000 |" in text
+    assert "| gateway | 0.02 | 0.010 | ? |" in text
 
 
 def test_cpu_model_from_cpuinfo() -> None:
