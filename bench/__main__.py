@@ -32,6 +32,9 @@ from bench.system import DISTURBED_CORES, machine_description
 
 ROOT = Path(__file__).resolve().parent
 
+# Environment that changes how memory is allocated, and with it the speed (page faults).
+ALLOCATOR_ENV = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_")
+
 _started = time.monotonic()
 
 
@@ -284,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "new tokens per caption": str(args.new_tokens),
         "torch threads": str(torch.get_num_threads()),
+        "allocator environment (all processes)": " ".join(
+            f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV)
+        )
+        or "none (glibc malloc defaults)",
         "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
         "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
     }
