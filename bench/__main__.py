@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent
 # Environment that changes how memory is allocated, and with it the speed (page faults).
 ALLOCATOR_ENV = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_")
 
+MANY_FAULTS_PER_IMAGE = 10_000  # more: say that malloc is costing time
+
 _started = time.monotonic()
 
 
@@ -280,6 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "**Disturbed**: other processes were using CPU during "
             + ", ".join(disturbed)
             + "; those numbers are lower than on an idle machine."
+        )
+    per_image = [p.page_faults / p.images for p in points if p.page_faults is not None]
+    if run is not None:
+        per_image += [f / run.images for _, _, f in run.cores if f is not None]
+    faulting = max(per_image, default=0.0)
+    if faulting > MANY_FAULTS_PER_IMAGE:
+        notes.append(
+            f"**Page faults**: up to {faulting:,.0f} minor page faults per image: glibc malloc "
+            "gives the large activation buffers back to the kernel after each batch and "
+            "faults them in again. That costs up to a quarter of the time and varies from "
+            "run to run and between processes (bare vs worker), so compare ratios with care. "
+            "`MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1000000000 "
+            "MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_TOP_PAD_=1000000000` in the "
+            "environment removes them."
         )
     notes.extend(args.note)
 
