@@ -299,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     notes.extend(args.note)
 
+    given = shlex.join(argv if argv is not None else sys.argv[1:])
     settings = {
-        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": f"python -m bench {given}".strip(),
         "new tokens per caption": str(args.new_tokens),
         "torch threads": str(torch.get_num_threads()),
         "allocator environment (all processes)": " ".join(
