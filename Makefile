@@ -48,7 +48,7 @@ schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
 # A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine
-# (~10 min on 2 CPU cores), printed and written to bench/RESULTS.md. BENCH_ARGS="--quick"
+# (~3-4 min on 2 idle CPU cores), printed and written to bench/RESULTS.md. BENCH_ARGS="--quick"
 # for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
