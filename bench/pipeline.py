@@ -149,7 +149,7 @@ def running_stack(
         processes.append(process)
         return process
 
-    ok = False
+    failed = False
     try:
         broker.start()
         progress(f"pipeline: broker on {broker.bootstrap}; starting worker and gateway")
@@ -161,8 +161,9 @@ def running_stack(
         _wait_until("gateway", lambda: _healthy(url), gateway.alive, 120)
         progress("pipeline: worker and gateway ready")
         yield Stack(broker, worker, gateway, url, run_dir)
-        ok = True
-    except BaseException:
+    except Exception:  # not on Ctrl-C / SIGTERM: just stop
+        failed = True
+        progress(f"pipeline failed; logs kept in {run_dir}")
         for process in processes:
             progress(f"--- last lines of the {process.name} log ({process.log_path}) ---")
             progress("\n".join(process.log().splitlines()[-30:]))
@@ -171,7 +172,7 @@ def running_stack(
         for process in reversed(processes):
             process.stop()
         broker.stop()
-        if ok and not keep:
+        if not failed and not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
