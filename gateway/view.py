@@ -49,6 +49,9 @@ class JobView:
         self._by_status: Counter[JobStatus] = Counter()
         self._by_idempotency_key: dict[str, str] = {}  # key -> job id (first job wins)
         self._success_by_cache_key: dict[str, str] = {}  # cache key -> a SUCCESS job id
+        # The model of the newest caption the processors made: cached captions of other
+        # models are not served, so a deployment that changes model stops reusing old ones.
+        self._current_model: tuple[datetime, str] | None = None
         self._key_locks: dict[str, asyncio.Lock] = {}
         self.terminal_listeners: list[Callable[[JobState], None]] = []
 
@@ -59,9 +62,13 @@ class JobView:
         return self._jobs.get(job_id)
 
     def find_cached(self, cache_key: str) -> JobState | None:
-        """A SUCCESS state for the same image content and options, if any."""
+        """A SUCCESS state for the same image content and options, made by the model
+        the processors run now (the model of the newest caption they made), if any."""
         job_id = self._success_by_cache_key.get(cache_key)
-        return None if job_id is None else self._jobs.get(job_id)
+        hit = None if job_id is None else self._jobs.get(job_id)
+        if hit is None or self._current_model is None or hit.model != self._current_model[1]:
+            return None
+        return hit
 
     def find_by_idempotency_key(self, key: str) -> JobState | None:
         job_id = self._by_idempotency_key.get(key)
@@ -91,8 +98,8 @@ class JobView:
         self._jobs[state.job_id] = state
         if state.idempotency_key is not None:
             self._by_idempotency_key.setdefault(state.idempotency_key, state.job_id)
-        if state.status is JobStatus.SUCCESS and state.cache_key is not None:
-            self._success_by_cache_key.setdefault(state.cache_key, state.job_id)
+        if state.status is JobStatus.SUCCESS:
+            self._index_success(state)
         if old is not None:
             self._by_status[old.status] -= 1
         self._by_status[state.status] += 1
@@ -105,6 +112,27 @@ class JobView:
                 except Exception:  # an observer must never break the view
                     log.exception("terminal-state listener %r failed", listener)
         return True
+
+    def _index_success(self, state: JobState) -> None:
+        """Track the processors' current model and the cache entry of `state`'s key.
+
+        States arrive in log order per partition but not across partitions (and a
+        restarted gateway replays them all), so "newest" is decided by `finished_at`.
+        """
+        made_at = state.finished_at or state.updated_at
+        newest = self._current_model is None or made_at >= self._current_model[0]
+        if state.cached_from is None and state.model is not None and newest:
+            self._current_model = (made_at, state.model)
+        if state.cache_key is None:
+            return
+        earlier_id = self._success_by_cache_key.get(state.cache_key)
+        earlier = None if earlier_id is None else self._jobs.get(earlier_id)
+        # The first caption of a key stays its entry, unless a caption by another model
+        # comes later: then the newer model's caption replaces it.
+        if earlier is None or (
+            earlier.model != state.model and made_at >= (earlier.finished_at or earlier.updated_at)
+        ):
+            self._success_by_cache_key[state.cache_key] = state.job_id
 
     def forget(self, job_id: str) -> None:
         """Drop an expired job (a tombstone on the job-state topic, or the TTL sweep)."""

@@ -149,7 +149,9 @@ def test_pending_published_late_never_replaces_progress() -> None:
 
 def test_forget_drops_the_job_and_its_indexes() -> None:
     view = JobView()
-    done = success().model_copy(update={"idempotency_key": "k1", "cache_key": "c1"})
+    done = success().model_copy(
+        update={"idempotency_key": "k1", "cache_key": "c1", "model": "blip"}
+    )
     view.apply(done)
     assert view.find_by_idempotency_key("k1") == done
     assert view.find_cached("c1") == done
@@ -159,6 +161,58 @@ def test_forget_drops_the_job_and_its_indexes() -> None:
     assert view.find_cached("c1") is None
     assert view.count_by_status()[JobStatus.SUCCESS] == 0
     view.forget("job-1")  # twice is harmless
+
+
+def captioned(
+    job_id: str, model: str, minutes: int, cache_key: str = "c1", cached_from: str | None = None
+) -> JobState:
+    """A SUCCESS state made by `model`, finished `minutes` after T0."""
+    at = T0 + timedelta(minutes=minutes)
+    return success(job_id).model_copy(
+        update={
+            "cache_key": cache_key,
+            "model": model,
+            "cached_from": cached_from,
+            "updated_at": at,
+            "finished_at": at,
+        }
+    )
+
+
+def test_cache_serves_only_captions_of_the_current_model() -> None:
+    view = JobView()
+    view.apply(captioned("old", "blip-base", minutes=1))
+    assert view.find_cached("c1") == view.get("old")
+    # the deployment moved to another model: its newest caption (of another image) says so
+    view.apply(captioned("other", "blip-large", minutes=2, cache_key="c2"))
+    assert view.find_cached("c1") is None, "a caption of the old model is not reused"
+    assert view.find_cached("c2") == view.get("other")
+    # the same image captioned again by the new model becomes the entry for its key
+    view.apply(captioned("again", "blip-large", minutes=3))
+    assert view.find_cached("c1") == view.get("again")
+
+
+def test_current_model_does_not_depend_on_replay_order() -> None:
+    """A restarted gateway replays partitions in any order: the newest caption decides."""
+    states = [
+        captioned("old", "blip-base", minutes=1),
+        captioned("new", "blip-large", minutes=2, cache_key="c2"),
+    ]
+    for order in (states, states[::-1]):
+        view = JobView()
+        for state in order:
+            view.apply(state)
+        assert view.find_cached("c1") is None
+        assert view.find_cached("c2") is not None
+
+
+def test_cache_hits_do_not_count_as_the_current_model() -> None:
+    """Only captions a processor made tell which model runs now, not replies from the
+    cache (which repeat whatever model made the entry)."""
+    view = JobView()
+    view.apply(captioned("made", "blip-large", minutes=1, cache_key="c2"))
+    view.apply(captioned("hit", "blip-base", minutes=5, cache_key="c9", cached_from="x"))
+    assert view.find_cached("c2") == view.get("made")
 
 
 def test_expired_lists_only_jobs_finished_before_the_cutoff() -> None:
