@@ -29,10 +29,14 @@ def supersedes(new: JobState, old: JobState | None) -> bool:
     The log order of one job's partition is authoritative, except that the first terminal
     state is final (a redelivered job can never replace its result or reopen it), and
     PENDING never replaces anything (the gateway writes it after the image event, so a
-    fast processor's STARTED can precede it).
+    fast processor's STARTED can precede it). A state submitted after `old` finished
+    belongs to a new job with the same id (an `Idempotency-Key` reused after its job
+    expired) and replaces it; a late state of the older job never does.
     """
     if old is None:
         return True
+    if new.submitted_at != old.submitted_at:  # states of two jobs under one id
+        return new.submitted_at > (old.finished_at or old.submitted_at)
     return not old.status.terminal and new.status is not JobStatus.PENDING
 
 

@@ -41,8 +41,17 @@ class CaptionCache(Protocol):
         ...
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex
+# Job ids of idempotent submissions are derived from the key, so that replicas racing
+# on one key publish the same job id and the job-state log (keyed by job id) decides.
+_IDEMPOTENT_JOB_NAMESPACE = uuid.UUID("7d0f3e0c-5b1a-4c1e-9a57-2f6a4f5b8e31")
+
+
+def new_job_id(idempotency_key: str | None = None) -> str:
+    """A fresh random id, or with an `Idempotency-Key` the id every submission with
+    that key gets, on any replica."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_IDEMPOTENT_JOB_NAMESPACE, idempotency_key).hex
 
 
 async def submit_image(
@@ -66,7 +75,7 @@ async def submit_image(
     ref = await blobs.put(image.data, image.sha256, image.extension)
     submitted_at = utcnow()
     event = ImageSubmitted(
-        job_id=new_job_id(),
+        job_id=new_job_id(idempotency_key),
         image_ref=ref,
         content_type=image.content_type,
         size_bytes=image.size_bytes,

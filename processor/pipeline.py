@@ -267,6 +267,8 @@ async def handle_batch(
             await sink.dead_letter(delivery, f"malformed event: {exc}", attempts=0)
             continue
         current = store.get(job.job_id, delivery.origin)
+        if current is not None and current.finished_at and job.submitted_at > current.finished_at:
+            current = None  # a new job under an expired one's id (its Idempotency-Key reused)
         if job.job_id in seen or (current is not None and current.status.terminal):
             log.info(
                 "job %s already handled; skipping redelivery",
@@ -275,6 +277,15 @@ async def handle_batch(
             )
             continue
         seen.add(job.job_id)
+        if current is not None and current.request_digest != job.request_digest:
+            # Two gateway replicas raced on one Idempotency-Key with different requests;
+            # both published the key's job id, and the first event on the log won.
+            reason = (
+                "conflicting submission: the job's Idempotency-Key was used for another request"
+            )
+            log.warning("job %s: %s", job.job_id, reason, extra=job_context(job.job_id))
+            await sink.dead_letter(delivery, reason, attempts=0)
+            continue
         if (current is None or current.attempts == 0) and store.is_cancelled(
             job.job_id, delivery.origin
         ):

@@ -614,3 +614,45 @@ async def test_cancellation_after_the_job_started_is_ignored(store: LocalBlobSto
 
     assert final.status is JobStatus.SUCCESS
     assert final.attempts == 2
+
+
+async def test_conflicting_submission_under_one_job_id_is_dead_lettered(
+    store: LocalBlobStore,
+) -> None:
+    """Two replicas raced on one Idempotency-Key with different images: the job id is the
+    key's, so the first event on the log owns the job and the other is parked."""
+    first = submit(store, "k", png((2, 2))).model_copy(update={"request_digest": "d1"})
+    other = submit(store, "k", png((3, 3))).model_copy(update={"request_digest": "d2"})
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+    states.states["k"] = JobState.submitted(first).advance(JobStatus.STARTED)
+    in_retry = states.states["k"].advance(JobStatus.RETRY, error="transient")
+    states.states["k"] = in_retry
+
+    finals = await handle_batch([delivery(other)], store=states, sink=sink, run_captioning=run)
+
+    assert finals == []
+    assert run.batches == []
+    [(parked, reason, attempts)] = sink.of("dead")
+    assert parked.value == delivery(other).value
+    assert "Idempotency-Key" in reason
+    assert attempts == 0
+    assert states.states["k"] is in_retry, "the first request's job is untouched"
+
+
+async def test_a_job_id_reused_after_its_job_finished_is_a_new_job(store: LocalBlobStore) -> None:
+    """An Idempotency-Key reused after its job expired gives the same job id again; an
+    event submitted after the stored state finished is that new job, not a redelivery."""
+    old = JobState.pending("k", T0).advance(JobStatus.FAILURE, error="long ago")
+    old = old.model_copy(update={"finished_at": T0 + timedelta(hours=1)})
+    again = submit(store, "k", png((4, 4))).model_copy(
+        update={"submitted_at": T0 + timedelta(days=2)}
+    )
+    states, sink, run = DictStore(), ListSink(), Runner(store)
+    states.states["k"] = old
+
+    [final] = await handle_batch([delivery(again)], store=states, sink=sink, run_captioning=run)
+
+    assert final.status is JobStatus.SUCCESS
+    assert final.caption == "4x4"
+    assert final.attempts == 1
+    assert final.submitted_at == again.submitted_at

@@ -104,3 +104,25 @@ async def test_other_options_are_a_miss(blobs: LocalBlobStore) -> None:
     )
     assert state.status is JobStatus.PENDING
     assert cache.hits == []
+
+
+async def test_an_idempotency_key_gives_the_same_job_id_everywhere(
+    blobs: LocalBlobStore,
+) -> None:
+    """Replicas racing on one key publish one job id, so the log decides between them."""
+    publisher = RecordingPublisher()
+
+    async def submit(key: str | None) -> str:
+        state, _ = await submit_image(
+            make_png(),
+            "a.png",
+            limits=ImageLimits(),
+            blobs=blobs,
+            publisher=publisher,
+            idempotency_key=key,
+        )
+        return state.job_id
+
+    assert await submit("key-1") == await submit("key-1")
+    assert await submit("key-1") != await submit("key-2")
+    assert await submit(None) != await submit(None)

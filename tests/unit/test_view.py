@@ -225,3 +225,17 @@ def test_expired_lists_only_jobs_finished_before_the_cutoff() -> None:
     assert [s.job_id for s in view.expired(finished.finished_at)] == []
     later = finished.finished_at + timedelta(seconds=1)
     assert [s.job_id for s in view.expired(later)] == ["old"]
+
+
+def test_a_job_submitted_after_the_old_one_finished_replaces_it() -> None:
+    """The same job id again (an Idempotency-Key reused after its job expired) is a new
+    job, not a state to ignore after the first terminal one."""
+    view = JobView()
+    view.apply(failure())
+    finished = view.get("job-1")
+    assert finished is not None
+    assert finished.finished_at is not None
+    reborn = JobState.pending("job-1", finished.finished_at + timedelta(seconds=1))
+    assert view.apply(reborn) is True
+    assert view.get("job-1") == reborn
+    assert view.apply(success()) is False, "a state of the old job does not replace it"
