@@ -169,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the broker, worker and gateway are stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    # The worker's own malloc tuning, from the same settings (and environment, which the
+    # worker inherits): bare and pipeline numbers are measured under the same allocator.
+    from captionstream.settings import ProcessorSettings
+    from processor.allocator import tune_malloc
+
+    worker_settings = ProcessorSettings()
+    malloc = tune_malloc(
+        worker_settings.malloc_tuning, keep_bytes=worker_settings.malloc_keep_bytes
+    )
     import torch
 
     from processor.captioner import select_device
@@ -296,9 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gives the large activation buffers back to the kernel after each batch and "
             "faults them in again. That costs up to a quarter of the time and varies from "
             "run to run and between processes (bare vs worker), so compare ratios with care. "
-            "`MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1000000000 "
-            "MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_TOP_PAD_=1000000000` in the "
-            "environment removes them."
+            "The worker's malloc tuning (`CAPTIONSTREAM_MALLOC_TUNING`, on by default) "
+            "removes them; it was off here: " + (malloc.skipped or "?")
         )
     notes.extend(args.note)
 
@@ -311,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV)
         )
         or "none (glibc malloc defaults)",
+        "malloc tuning (bench process and worker)": (
+            " ".join(f"{k}={v}" for k, v in malloc.applied.items())
+            if malloc.skipped is None
+            else f"off ({malloc.skipped})"
+        ),
         "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
         "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
     }

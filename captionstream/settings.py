@@ -212,6 +212,18 @@ class ProcessorSettings(CommonSettings):
     torch_threads: int | None = Field(
         default=None, description="Intra-op threads; default: the cores this process may use."
     )
+    malloc_tuning: bool = Field(
+        default=True,
+        description="On glibc, make malloc keep freed memory (up to malloc_keep_bytes) "
+        "instead of faulting the model's buffers in again every batch. Off: glibc defaults. "
+        "MALLOC_* variables in the environment take precedence.",
+    )
+    malloc_keep_bytes: int = Field(
+        default=1_000_000_000,
+        ge=0,
+        le=2**31 - 1,
+        description="mmap/trim threshold and top pad when malloc_tuning is on.",
+    )
 
 
 class BulkIngestSettings(IngestSettings):

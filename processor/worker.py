@@ -18,6 +18,7 @@ from captionstream.logging_config import LogFormat, adopt_library_output, faust_
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import allow_pixels
+from processor.allocator import tune_malloc
 from processor.app import create_app
 from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
 from processor.hf_captioner import HFImageToTextCaptioner
@@ -88,6 +89,9 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
 def run_worker(settings: ProcessorSettings) -> None:
     if settings.log_format is LogFormat.JSON:
         adopt_library_output()  # no plain-text lines from transformers' logger or bars
+    # Before torch and the inference thread allocate: the arena limit only applies to
+    # arenas created after it.
+    tune_malloc(settings.malloc_tuning, keep_bytes=settings.malloc_keep_bytes)
     configure_torch_threads(settings.torch_threads)
     allow_pixels(settings.max_pixels)
     # The model loads before the worker joins the group: a worker never holds partitions
