@@ -35,8 +35,10 @@ def supersedes(new: JobState, old: JobState | None) -> bool:
     """
     if old is None:
         return True
-    if new.submitted_at != old.submitted_at:  # states of two jobs under one id
-        return new.submitted_at > (old.finished_at or old.submitted_at)
+    if old.finished_at is not None and new.submitted_at > old.finished_at:
+        return True  # a new job under the id
+    if new.finished_at is not None and new.finished_at < old.submitted_at:
+        return False  # a late state of an older job under the id
     return not old.status.terminal and new.status is not JobStatus.PENDING
 
 

@@ -4,6 +4,7 @@ any replica and after restarts; reusing a key for another request is a 409."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import httpx
@@ -72,3 +73,38 @@ def test_without_a_key_every_submit_is_a_new_job(stack: Stack, worker: Component
     first = gateway.upload(image).json()["job_id"]
     second = gateway.upload(image).json()["job_id"]
     assert first != second
+
+
+async def test_replicas_racing_on_one_key_create_one_job(stack: Stack, worker: Component) -> None:
+    """Each replica serializes a key only locally; the key-derived job id makes the
+    replicas agree anyway: one job id, one caption, whichever replica answered."""
+    replicas = [stack.start_gateway(), stack.start_gateway()]
+    image = make_png(color=(7, 77, 177))
+    for _round in range(3):
+        key = str(uuid.uuid4())
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"{replicas[i % 2].url}/api/v1/upload",
+                        files={"file": ("a.png", image)},
+                        headers={"Idempotency-Key": key},
+                    )
+                    for i in range(6)
+                )
+            )
+        assert {r.status_code for r in responses} == {202}
+        [job_id] = {r.json()["job_id"] for r in responses}
+        for gateway in replicas:
+            assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
+        captions = {
+            v
+            for k, v in await read_topic(stack.bootstrap, TOPICS.captions.name)
+            if k == job_id.encode()
+        }
+        texts = {decode_caption_text(v) for v in captions}
+        assert len(texts) == 1, f"one caption for the job, got {texts}"
+
+
+def decode_caption_text(value: bytes) -> str:
+    return str(json.loads(value)["caption"])

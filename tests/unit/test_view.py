@@ -238,4 +238,19 @@ def test_a_job_submitted_after_the_old_one_finished_replaces_it() -> None:
     reborn = JobState.pending("job-1", finished.finished_at + timedelta(seconds=1))
     assert view.apply(reborn) is True
     assert view.get("job-1") == reborn
-    assert view.apply(success()) is False, "a state of the old job does not replace it"
+    late = success().model_copy(update={"finished_at": finished.finished_at})
+    assert view.apply(late) is False, "a state of the old job does not replace it"
+    assert view.apply(reborn.advance(JobStatus.STARTED)) is True
+
+
+def test_replicas_racing_on_one_job_id_do_not_block_its_result() -> None:
+    """Two replicas publish PENDING for one key-derived job id with their own clocks;
+    the job's result still lands, whichever PENDING came first."""
+    view = JobView()
+    first = JobState.pending("job-1", T0)
+    second = JobState.pending("job-1", T0 + timedelta(milliseconds=5))
+    for state in (second, first):
+        view.apply(state)
+    done = first.advance(JobStatus.STARTED).advance(JobStatus.SUCCESS, caption="a cat")
+    assert view.apply(done) is True
+    assert view.get("job-1") == done
