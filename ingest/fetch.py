@@ -29,8 +29,9 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -140,10 +141,63 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
+class VettedURL:
+    """A URL whose every address passed the policy: connect only to `addresses`."""
+
     url: httpx.URL
     host: str  # ASCII (IDNA) host name or IP literal, without brackets
     addresses: Sequence[IPAddress]
+
+    def requests(
+        self, client: httpx.AsyncClient, method: str, **kwargs: Any
+    ) -> Iterator[httpx.Request]:
+        """One request per vetted address, in order, each aimed at the address itself
+        (never at a name resolved again), with the real `Host` header and, for https,
+        the real name as SNI (the certificate is verified against it)."""
+        headers = {**kwargs.pop("headers", {}), "Host": self.url.netloc.decode("ascii")}
+        extensions = {"sni_hostname": self.host} if self.url.scheme == "https" else {}
+        for ip in self.addresses:
+            yield client.build_request(
+                method,
+                self.url.copy_with(host=str(ip)),
+                headers=headers,
+                extensions=extensions,
+                **kwargs,
+            )
+
+
+async def vet_url(
+    url: httpx.URL, policy: FetchPolicy, resolver: Resolver = system_resolver
+) -> VettedURL:
+    """Check scheme, credentials and host of `url`, resolve it, and check every address
+    under `policy`. Raises `FetchRefused` (or `FetchError` when DNS itself fails)."""
+    if url.scheme not in SCHEMES:
+        raise FetchRefused(f"only http and https URLs are fetched, not {str(url)[:100]!r}")
+    if url.userinfo:
+        raise FetchRefused("credentials in image URLs are not accepted")
+    host = url.raw_host.decode("ascii")
+    if not host:
+        raise FetchRefused(f"URL {str(url)[:100]!r} has no host")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+    except ValueError:
+        addresses = await _resolve(resolver, host, port)
+    for ip in addresses:
+        policy.check_address(host, ip)
+    return VettedURL(url, host, addresses)
+
+
+async def _resolve(resolver: Resolver, host: str, port: int) -> list[IPAddress]:
+    try:
+        addresses = await resolver(host, port)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+            raise FetchRefused(f"unknown host {host!r}") from exc
+        raise FetchError(f"cannot resolve {host!r}: {exc}") from exc
+    if not addresses:
+        raise FetchRefused(f"unknown host {host!r}")
+    return addresses
 
 
 class ImageFetcher:
@@ -220,49 +274,18 @@ class ImageFetcher:
                 return await self._read_capped(response, current)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    async def _vet(self, url: httpx.URL) -> _Target:
-        if url.scheme not in SCHEMES:
-            raise FetchRefused(f"only http and https URLs are fetched, not {str(url)[:100]!r}")
-        if url.userinfo:
-            raise FetchRefused("credentials in image URLs are not accepted")
-        host = url.raw_host.decode("ascii")
-        if not host:
-            raise FetchRefused(f"URL {str(url)[:100]!r} has no host")
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-        except ValueError:
-            addresses = await self._resolve(host, port)
-        for ip in addresses:
-            self.policy.check_address(host, ip)
-        return _Target(url, host, addresses)
-
-    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
-        try:
-            addresses = await self.resolver(host, port)
-        except socket.gaierror as exc:
-            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
-                raise FetchRefused(f"unknown host {host!r}") from exc
-            raise FetchError(f"cannot resolve {host!r}: {exc}") from exc
-        if not addresses:
-            raise FetchRefused(f"unknown host {host!r}")
-        return addresses
+    async def _vet(self, url: httpx.URL) -> VettedURL:
+        return await vet_url(url, self.policy, self.resolver)
 
     @contextlib.asynccontextmanager
-    async def _open(self, target: _Target) -> AsyncIterator[httpx.Response]:
+    async def _open(self, target: VettedURL) -> AsyncIterator[httpx.Response]:
         """GET `target.url` from its vetted addresses, in order, until one connects."""
         failures: list[str] = []
-        for ip in target.addresses:
-            request = self.client.build_request(
-                "GET",
-                target.url.copy_with(host=str(ip)),
-                headers={"Host": target.url.netloc.decode("ascii")},
-                extensions={"sni_hostname": target.host} if target.url.scheme == "https" else {},
-            )
+        for request in target.requests(self.client, "GET"):
             try:
                 response = await self.client.send(request, stream=True)
             except httpx.ConnectError as exc:
-                failures.append(f"{ip}: {exc}")
+                failures.append(f"{request.url.host}: {exc}")
                 continue
             try:
                 yield response
