@@ -16,6 +16,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION: Literal[1] = 1
+WEBHOOK_URL_MAX_LENGTH = 2048
 
 # Namespace for deterministic event ids: a redelivered job yields the same event id, so
 # downstream consumers can drop duplicates.
@@ -78,6 +79,11 @@ class ImageSubmitted(_Event):
     )
     request_digest: str | None = Field(
         default=None, description="Digest of the request that created the job."
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=WEBHOOK_URL_MAX_LENGTH,
+        description="Called (signed POST) when the job is SUCCESS or FAILURE.",
     )
 
 
@@ -165,6 +171,11 @@ class JobState(_Event):
     cached_from: str | None = Field(
         default=None, description="The job whose caption was reused, on a cache hit."
     )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=WEBHOOK_URL_MAX_LENGTH,
+        description="Called (signed POST) when the job is SUCCESS or FAILURE.",
+    )
 
     def advance(self, status: JobStatus, **changes: object) -> JobState:
         now = utcnow()
@@ -195,6 +206,7 @@ class JobState(_Event):
                 "request_digest": event.request_digest,
                 "cache_key": caption_cache_key(event.sha256, event.options),
                 "image_ref": event.image_ref,
+                "webhook_url": event.webhook_url,
             }
         )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.events import CaptionFailed, CaptionProduced, ImageSubmitted, JobState
+from schemas.webhooks import JobFinishedWebhook
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 
@@ -21,6 +22,7 @@ PUBLIC_EVENTS: dict[str, type[BaseModel]] = {
     "caption.failed.v1": CaptionFailed,
     "job.state.v1": JobState,
     "image.submitted.v1": ImageSubmitted,
+    "webhook.job.finished.v1": JobFinishedWebhook,
 }
 
 
