@@ -99,6 +99,13 @@ class FetchTimeout(FetchError):
     http_status = 504
 
 
+class WebhookRefused(CaptionstreamError):
+    """A `webhook_url` this service will not call: webhooks off, not http(s),
+    credentials in it, or an address that is not public (the SSRF guard of fetching)."""
+
+    http_status = 400
+
+
 class IdempotencyConflict(CaptionstreamError):
     """An Idempotency-Key reused for a different request."""
 

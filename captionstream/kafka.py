@@ -39,6 +39,15 @@ class ClientTuning:
             else {"max_batch_size": self.producer_max_batch_size}
         )
 
+    def aiokafka_consumer_kwargs(self) -> dict[str, Any]:
+        """For consumers in a group (group-less readers need nothing)."""
+        kwargs: dict[str, Any] = {}
+        if self.session_timeout_s is not None:
+            kwargs["session_timeout_ms"] = int(self.session_timeout_s * 1000)
+        if self.heartbeat_interval_s is not None:
+            kwargs["heartbeat_interval_ms"] = int(self.heartbeat_interval_s * 1000)
+        return kwargs
+
     def faust_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         if self.producer_max_batch_size is not None:

@@ -173,7 +173,56 @@ class GatewaySettings(IngestSettings):
         description="Let browsers send cookies / HTTP auth cross-origin (never with `*`).",
     )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    # Webhooks: a per-job URL called once the job is SUCCESS or FAILURE.
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key that signs every webhook (`X-Captionstream-Signature`). "
+        "Webhooks are on only when it is set: a submission with `webhook_url` is refused "
+        "without it, since receivers could not tell our calls from forged ones.",
+    )
+    webhook_max_attempts: int = Field(
+        default=6, ge=1, description="Attempts per webhook before it is given up."
+    )
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0, description="Delay before the first retry; doubles each time."
+    )
+    webhook_backoff_max_s: float = Field(
+        default=300.0, gt=0, description="Cap on one retry delay (also on `Retry-After`)."
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="One delivery attempt: connect, send and answer."
+    )
+    webhook_max_in_flight: int = Field(
+        default=64, ge=1, description="Webhooks being delivered (or waiting to retry) at once."
+    )
+    webhook_group_id: str = Field(
+        default="captionstream-webhooks",
+        description="Consumer group of the gateways' webhook dispatchers: each finished "
+        "job's webhook is sent by one replica.",
+    )
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names (or IP literals) that may receive webhooks "
+        "although they resolve to non-public addresses (as `FETCH_ALLOW_HOSTS`). Cloud "
+        "metadata addresses stay refused.",
+    )
+    webhook_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated networks (CIDR) that may receive webhooks.",
+    )
+
+    @property
+    def webhooks_enabled(self) -> bool:
+        return self.webhook_secret is not None and bool(self.webhook_secret.get_secret_value())
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _lower_webhook_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().strip("[]") for host in value]
+
+    @field_validator(
+        "api_keys", "cors_origins", "webhook_allow_hosts", "webhook_allow_networks", mode="before"
+    )
     @classmethod
     def _comma_separated_list(cls, value: object) -> object:
         if isinstance(value, str):

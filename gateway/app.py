@@ -23,6 +23,7 @@ from gateway.readiness import Readiness
 from gateway.routes import demo, health, jobs, metrics
 from gateway.security import api_router_options, install_security
 from gateway.view import JobStateFollower, JobView
+from gateway.webhooks import WebhookDispatcher, WebhookGuard, WebhookSender
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import FetchPolicy, ImageFetcher
 from ingest.validation import ImageLimits, allow_pixels
@@ -71,6 +72,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         view.terminal_listeners.append(observe_terminal)
         fetcher = ImageFetcher(FetchPolicy.from_settings(settings))
+        webhook_guard = WebhookGuard(settings)
+        dispatcher: WebhookDispatcher | None = None
         sweeper: asyncio.Task[None] | None = None
         try:
             await follower.start(settings.view_catch_up_timeout_s)
@@ -84,6 +87,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.blobs = LocalBlobStore(settings.blob_dir)
             app.state.fetcher = fetcher
             app.state.limits = ImageLimits.from_settings(settings)
+            app.state.webhooks = webhook_guard
+            if settings.webhooks_enabled:
+                sender = WebhookSender(settings, webhook_guard, app_metrics)
+                dispatcher = WebhookDispatcher(settings, TOPICS.job_state.name, sender)
+                await dispatcher.start()
+            else:
+                log.info("webhooks off (CAPTIONSTREAM_WEBHOOK_SECRET is not set)")
             sweeper = asyncio.create_task(
                 sweep_expired_jobs(view, app.state.publisher, settings), name="ttl-sweep"
             )
@@ -93,6 +103,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
+            if dispatcher is not None:
+                await dispatcher.stop()
             await fetcher.aclose()
             await follower.stop()
             await producer.stop()

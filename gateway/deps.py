@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, WebSocket
@@ -11,6 +12,7 @@ from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
 from gateway.readiness import Readiness
 from gateway.security import limit_submissions
 from gateway.view import JobStateFollower, JobView
+from gateway.webhooks import WebhookGuard
 from ingest.blobstore import LocalBlobStore
 from ingest.fetch import ImageFetcher
 from ingest.validation import ImageLimits
@@ -60,6 +62,33 @@ def _fetcher(request: Request) -> ImageFetcher:
     return request.app.state.fetcher  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What accepting a job needs, from the lifespan (one dependency for the submit routes)."""
+
+    view: JobView
+    publisher: KafkaJobPublisher
+    blobs: LocalBlobStore
+    limits: ImageLimits
+    metrics: GatewayMetrics
+    cache: KafkaCaptionCache | None
+    webhooks: WebhookGuard
+
+
+def _submission(request: Request) -> Submission:
+    state = request.app.state
+    return Submission(
+        view=state.view,
+        publisher=state.publisher,
+        blobs=state.blobs,
+        limits=state.limits,
+        metrics=state.metrics,
+        cache=state.cache,
+        webhooks=state.webhooks,
+    )
+
+
+SubmissionDep = Annotated[Submission, Depends(_submission)]
 ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]

@@ -85,6 +85,22 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.webhook_deliveries = Counter(
+            "captionstream_gateway_webhook_deliveries",
+            "Webhooks this gateway finished, by outcome: delivered (2xx), rejected (another "
+            "answer that is not worth retrying), exhausted (out of attempts), refused (the "
+            "URL no longer passes the SSRF guard).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_attempts = Counter(
+            "captionstream_gateway_webhook_attempts",
+            "Webhook HTTP attempts, by result: the status class (2xx, 3xx, 4xx, 5xx), 429, "
+            "or error (no answer: connection failed or timed out).",
+            ["result"],
+            registry=self.registry,
+        )
+
     def observe_terminal(self, state: JobState) -> None:
         seconds = (utcnow() - state.submitted_at).total_seconds()
         self.end_to_end.labels(state.status.value).observe(max(seconds, 0.0))

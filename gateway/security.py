@@ -34,7 +34,7 @@ from starlette.requests import HTTPConnection
 
 from captionstream.errors import ConfigurationError, RateLimited, Unauthorized
 from captionstream.settings import GatewaySettings
-from schemas.api import ErrorResponse
+from gateway.openapi import error_responses
 
 API_KEY_HEADER_NAME = "X-API-Key"
 API_KEY_QUERY_NAME = "api_key"  # WebSockets only
@@ -299,7 +299,8 @@ def api_router_options(settings: GatewaySettings) -> dict[str, Any]:
         return {}
     return {
         "dependencies": [Depends(require_api_key)],
-        "responses": {401: {"model": ErrorResponse, "description": "No valid API key"}},
+        # Explicit JSON: the 401 is JSON on every route, Server-Sent Events too.
+        "responses": error_responses(401, json_route=False),
     }
 
 

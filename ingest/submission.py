@@ -65,6 +65,7 @@ async def submit_image(
     idempotency_key: str | None = None,
     request_digest: str | None = None,
     cache: CaptionCache | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[JobState, ImageSubmitted]:
     """Accept one image as a job. Raises `ImageRejected` for bad input, before any I/O.
 
@@ -86,6 +87,7 @@ async def submit_image(
         options=options or GenerationOptions(),
         idempotency_key=idempotency_key,
         request_digest=request_digest,
+        webhook_url=webhook_url,
     )
     state = JobState.submitted(event)
     if cache is not None and state.cache_key is not None:

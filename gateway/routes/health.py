@@ -11,7 +11,10 @@ from schemas.api import NotReadyResponse, ReadinessResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     """Liveness: the process serves requests (checks nothing else)."""
     return {"status": "ok"}

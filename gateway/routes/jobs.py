@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from aiokafka.errors import KafkaError
 from fastapi import (
     APIRouter,
+    Body,
+    File,
     Form,
     Header,
     HTTPException,
@@ -28,24 +30,19 @@ from starlette.websockets import WebSocketDisconnect
 from captionstream.errors import BrokerError, IdempotencyConflict, ImageTooLarge
 from captionstream.logging_config import job_context
 from gateway.deps import (
-    BlobsDep,
-    CacheDep,
     FetcherDep,
-    LimitsDep,
-    MetricsDep,
     PublisherDep,
+    Submission,
+    SubmissionDep,
     SubmissionRateLimit,
     ViewDep,
     WsMetricsDep,
     WsViewDep,
 )
-from gateway.metrics import GatewayMetrics
-from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
+from gateway.openapi import error_responses
 from gateway.view import JobView
-from ingest.blobstore import LocalBlobStore
 from ingest.submission import submit_image
-from ingest.validation import ImageLimits
-from schemas.api import ErrorResponse, JobAccepted, JobRequest, JobStatusResponse, UploadOptions
+from schemas.api import JobAccepted, JobRequest, JobStatusResponse, UploadOptions
 from schemas.events import GenerationOptions, JobState, JobStatus
 
 # The prefix lives on the router (not on `include_router`) so that each route's `path` is
@@ -53,11 +50,36 @@ from schemas.events import GenerationOptions, JobState, JobStatus
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 log = logging.getLogger(__name__)
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 503)
+# What each route can answer besides its success (401 is added for every /api/v1 route
+# when API keys are on; see gateway.security.api_router_options).
+UPLOAD_ERRORS = (400, 409, 413, 415, 422, 429, 503)
+URL_ERRORS = (400, 409, 413, 415, 422, 429, 502, 503, 504)
+STATUS_ERRORS = (404, 422)
+CANCEL_ERRORS = (404, 409, 422, 503)
+EVENTS_ERRORS = (404, 422)
+
+LOCATION_HEADER = {
+    "Location": {"description": "The job's status URL.", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when an Idempotency-Key retry returned the earlier job.",
+        "schema": {"type": "string"},
+    },
 }
-_FETCH_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 502, 503, 504)
+ACCEPTED = {"description": "The job was accepted.", "headers": LOCATION_HEADER}
+
+URL_EXAMPLES = {
+    "plain": {
+        "summary": "Just an image URL",
+        "value": {"image_url": "https://example.com/cat.jpg"},
+    },
+    "options and webhook": {
+        "summary": "Generation options and a webhook",
+        "value": {
+            "image_url": "https://example.com/cat.jpg",
+            "options": {"max_new_tokens": 40, "num_beams": 3, "prompt": "a photo of"},
+            "webhook_url": "https://hooks.example.com/captionstream",
+        },
+    },
 }
 
 
@@ -66,15 +88,22 @@ IdempotencyKey = Annotated[
     Header(
         max_length=200,
         description="Retrying with the same key returns the job the first request created.",
+        examples=["order-17-caption"],
     ),
 ]
 
 
-def request_digest(kind: str, body: bytes, options: GenerationOptions) -> str:
+def request_digest(
+    kind: str, body: bytes, options: GenerationOptions, webhook_url: str | None = None
+) -> str:
     """What an idempotent retry must repeat: the same kind of submission, the same image
-    bytes (or URL) and the same options."""
+    bytes (or URL), the same options and the same webhook URL (a retry that asks for
+    another receiver is a different request). Without a webhook the digest is what it
+    was before webhooks existed, so keys recorded then still match."""
     digest = hashlib.sha256(kind.encode() + b"\0" + body + b"\0")
     digest.update(options.model_dump_json().encode())
+    if webhook_url is not None:
+        digest.update(b"\0webhook\0" + webhook_url.encode())
     return digest.hexdigest()
 
 
@@ -104,19 +133,15 @@ async def _idempotent(
 
 
 async def _accept(
+    ctx: Submission,
     data: bytes,
     filename: str | None,
     options: GenerationOptions,
     source: str,
     *,
     idempotency: tuple[str | None, str] = (None, ""),
+    webhook_url: str | None,
     response: Response,
-    view: JobView,
-    publisher: KafkaJobPublisher,
-    blobs: LocalBlobStore,
-    limits: ImageLimits,
-    metrics: GatewayMetrics,
-    cache: KafkaCaptionCache | None,
 ) -> JobAccepted:
     """validate -> store -> publish (or answer from the caption cache), the same for
     every way an image arrives."""
@@ -125,19 +150,20 @@ async def _accept(
         state, _ = await submit_image(
             data,
             filename,
-            limits=limits,
-            blobs=blobs,
-            publisher=publisher,
+            limits=ctx.limits,
+            blobs=ctx.blobs,
+            publisher=ctx.publisher,
             options=options,
             idempotency_key=key,
             request_digest=digest if key else None,
-            cache=cache,
+            cache=ctx.cache,
+            webhook_url=webhook_url,
         )
     except KafkaError as exc:
         raise BrokerError(f"job not accepted, Kafka is unavailable: {exc}") from exc
-    view.apply(state)  # visible on this replica at once; others see it from the topic
+    ctx.view.apply(state)  # visible on this replica at once; others see it from the topic
     log.info("job %s accepted (%s)", state.job_id, source, extra=job_context(state.job_id))
-    metrics.jobs_submitted.labels(source).inc()
+    ctx.metrics.jobs_submitted.labels(source).inc()
     response.headers["Location"] = f"{router.prefix}/status/{state.job_id}"
     return JobAccepted(
         job_id=state.job_id,
@@ -152,47 +178,40 @@ async def _accept(
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[SubmissionRateLimit],
     response_model=JobAccepted,
-    responses=_ERRORS,
+    responses={202: ACCEPTED, **error_responses(*UPLOAD_ERRORS)},
     summary="Submit an image (multipart field `file`) for captioning",
 )
 async def upload(
-    file: UploadFile,
+    file: Annotated[UploadFile, File(description="The image (JPEG, PNG, GIF, WebP, ...).")],
     options: Annotated[UploadOptions, Form()],
     response: Response,
-    view: ViewDep,
-    publisher: PublisherDep,
-    blobs: BlobsDep,
-    limits: LimitsDep,
-    metrics: MetricsDep,
-    cache: CacheDep,
+    ctx: SubmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """Optional form fields `max_new_tokens`, `num_beams`, `prompt` set the job's
-    generation options (as in `POST /api/v1/jobs`). With an `Idempotency-Key` header, a
-    retry returns the job the first request created (header `Idempotent-Replayed`), and
-    the same key with a different request is a 409."""
+    generation options (as in `POST /api/v1/jobs`), and `webhook_url` asks for a signed
+    POST when the job finishes. With an `Idempotency-Key` header, a retry returns the
+    job the first request created (header `Idempotent-Replayed`), and the same key with
+    a different request is a 409."""
     # Read one byte past the limit: enough to know it is too large, never the whole body.
-    data = await file.read(limits.max_bytes + 1)
-    if len(data) > limits.max_bytes:
-        raise ImageTooLarge(f"image exceeds the limit of {limits.max_bytes} bytes")
+    data = await file.read(ctx.limits.max_bytes + 1)
+    if len(data) > ctx.limits.max_bytes:
+        raise ImageTooLarge(f"image exceeds the limit of {ctx.limits.max_bytes} bytes")
     generation = options.generation_options()
-    digest = request_digest("upload", data, generation)
-    async with _idempotent(view, idempotency_key, digest, response) as replay:
+    digest = request_digest("upload", data, generation, options.webhook_url)
+    async with _idempotent(ctx.view, idempotency_key, digest, response) as replay:
         if replay is not None:
             return replay
+        webhook_url = await ctx.webhooks.check_submission(options.webhook_url)
         return await _accept(
+            ctx,
             data,
             file.filename,
             generation,
             "upload",
             idempotency=(idempotency_key, digest),
+            webhook_url=webhook_url,
             response=response,
-            view=view,
-            publisher=publisher,
-            blobs=blobs,
-            limits=limits,
-            metrics=metrics,
-            cache=cache,
         )
 
 
@@ -201,43 +220,37 @@ async def upload(
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[SubmissionRateLimit],
     response_model=JobAccepted,
-    responses=_FETCH_ERRORS,
+    responses={202: ACCEPTED, **error_responses(*URL_ERRORS)},
     summary="Submit an image by URL (fetched by the gateway) for captioning",
 )
 async def submit_by_url(
-    body: JobRequest,
+    body: Annotated[JobRequest, Body(openapi_examples=URL_EXAMPLES)],
     response: Response,
     fetcher: FetcherDep,
-    view: ViewDep,
-    publisher: PublisherDep,
-    blobs: BlobsDep,
-    limits: LimitsDep,
-    metrics: MetricsDep,
-    cache: CacheDep,
+    ctx: SubmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     """The gateway fetches `image_url` (http/https, public addresses only, at most 3
     redirects, the upload size limit) and accepts it like an upload: 400 for a URL it
-    will not fetch, 413/415 for the content, 502/504 when the upstream fails.
-    `Idempotency-Key` works as for uploads (a replay does not fetch again)."""
-    digest = request_digest("url", body.image_url.encode(), body.options)
-    async with _idempotent(view, idempotency_key, digest, response) as replay:
+    will not fetch (or a `webhook_url` it will not call), 413/415 for the content,
+    502/504 when the upstream fails. `Idempotency-Key` works as for uploads (a replay
+    does not fetch again)."""
+    digest = request_digest("url", body.image_url.encode(), body.options, body.webhook_url)
+    async with _idempotent(ctx.view, idempotency_key, digest, response) as replay:
         if replay is not None:
             return replay
+        # The webhook first: refusing it costs no fetch.
+        webhook_url = await ctx.webhooks.check_submission(body.webhook_url)
         data = await fetcher.fetch(body.image_url)
         return await _accept(
+            ctx,
             data,
             None,  # a URL path is no file name: the content alone decides
             body.options,
             "url",
             idempotency=(idempotency_key, digest),
+            webhook_url=webhook_url,
             response=response,
-            view=view,
-            publisher=publisher,
-            blobs=blobs,
-            limits=limits,
-            metrics=metrics,
-            cache=cache,
         )
 
 
@@ -251,7 +264,7 @@ def _known(view: ViewDep, job_id: str) -> JobState:
 @router.get(
     "/status/{job_id}",
     response_model=JobStatusResponse,
-    responses={404: {"model": ErrorResponse}},
+    responses=error_responses(*STATUS_ERRORS),
     summary="The current status of a job",
 )
 async def job_status(job_id: str, view: ViewDep) -> JobStatusResponse:
@@ -262,7 +275,7 @@ async def job_status(job_id: str, view: ViewDep) -> JobStatusResponse:
     "/jobs/{job_id}",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobStatusResponse,
-    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    responses=error_responses(*CANCEL_ERRORS),
     summary="Cancel a job that has not started",
 )
 async def cancel_job(job_id: str, view: ViewDep, publisher: PublisherDep) -> JobStatusResponse:
@@ -282,15 +295,30 @@ async def cancel_job(job_id: str, view: ViewDep, publisher: PublisherDep) -> Job
     return JobStatusResponse.from_state(state)
 
 
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
 @router.get(
     "/jobs/{job_id}/events",
+    response_class=EventStreamResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-        404: {"model": ErrorResponse},
+        200: {
+            "description": "Server-Sent Events: one `status` event per state.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": "event: status\nid: 2025-01-01T12:00:02+00:00\n"
+                    'data: {"job_id": "5b7a5c0e3c4f4a55a9b8c0d1e2f3a4b5", "status": "SUCCESS", '
+                    '"result": {"caption": "a cat"}}\n\n',
+                }
+            },
+        },
+        **error_responses(*EVENTS_ERRORS, json_route=False),
     },
     summary="Follow a job with Server-Sent Events (for clients without WebSockets)",
 )
-async def job_events(job_id: str, view: ViewDep) -> StreamingResponse:
+async def job_events(job_id: str, view: ViewDep) -> EventStreamResponse:
     """One `status` event with the current state, one per change, then the stream ends
     after the terminal state."""
     _known(view, job_id)
@@ -300,9 +328,8 @@ async def job_events(job_id: str, view: ViewDep) -> StreamingResponse:
             body = JobStatusResponse.from_state(state).model_dump_json()
             yield f"event: status\nid: {state.updated_at.isoformat()}\ndata: {body}\n\n"
 
-    return StreamingResponse(
+    return EventStreamResponse(
         stream(),
-        media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 

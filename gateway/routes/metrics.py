@@ -9,7 +9,22 @@ from gateway.deps import MetricsDep
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string"},
+                    "example": "# TYPE captionstream_gateway_jobs_submitted_total counter\n"
+                    'captionstream_gateway_jobs_submitted_total{source="upload"} 3.0\n',
+                }
+            },
+        }
+    },
+)
 async def metrics(app_metrics: MetricsDep) -> Response:
     """Prometheus metrics: HTTP traffic, jobs submitted, the job view, WebSockets."""
     body, content_type = app_metrics.exposition()

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import socket
 import struct
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,12 @@ def fuzzed_gateway(stack: Stack, worker: Component) -> Iterator[Gateway]:
         CAPTIONSTREAM_FETCH_ALLOW_NETWORKS="",
         CAPTIONSTREAM_API_KEYS="",
         CAPTIONSTREAM_RATE_LIMIT_PER_MINUTE="0",
+        # Webhooks on, so fuzzed webhook URLs reach the SSRF guard; public receivers only
+        # (and fuzzed hosts are swapped like image URLs), in a group of its own.
+        CAPTIONSTREAM_WEBHOOK_SECRET="fuzz-secret",
+        CAPTIONSTREAM_WEBHOOK_ALLOW_HOSTS="",
+        CAPTIONSTREAM_WEBHOOK_ALLOW_NETWORKS="",
+        CAPTIONSTREAM_WEBHOOK_GROUP_ID=f"webhooks-fuzz-{uuid.uuid4().hex[:8]}",
     )
     wait_until(
         lambda: httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 200,
@@ -93,9 +100,9 @@ def resolved_without_dns(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
 
 
 def kept_on_this_machine(image_url: object) -> object:
-    """`image_url` with any host the gateway would connect to, or would ask DNS about
-    (a name, a public address), swapped for an unroutable one that the SSRF guard
-    refuses. Everything else in the URL stays as generated, and non-public addresses
+    """`image_url` (or a webhook URL) with any host the gateway would connect to, or
+    would ask DNS about (a name, a public address), swapped for an unroutable one that
+    the SSRF guard refuses. Everything else in the URL stays as generated, and non-public addresses
     stay too: they are what the guard must refuse."""
     if not isinstance(image_url, str):
         return image_url
@@ -152,6 +159,7 @@ IMAGE_URLS = st.builds(
 URL_BODIES = st.fixed_dictionaries(
     {"image_url": IMAGE_URLS},
     optional={
+        "webhook_url": IMAGE_URLS,
         "options": st.fixed_dictionaries(
             {},
             optional={
@@ -203,9 +211,10 @@ def test_operation_never_answers_a_server_error(
         suppress_health_check=list(HealthCheck),
     )
     def call(case: schemathesis.Case) -> None:
-        if method == "POST" and path == "/api/v1/jobs" and isinstance(case.body, dict):
-            image_url = kept_on_this_machine(case.body.get("image_url"))
-            case.body = {**case.body, "image_url": image_url}
+        if method == "POST" and isinstance(case.body, dict):
+            for field in ("image_url", "webhook_url"):
+                if field in case.body:
+                    case.body = {**case.body, field: kept_on_this_machine(case.body[field])}
         case.call_and_validate(checks=[not_a_server_error], timeout=30)
 
     call()
