@@ -167,7 +167,7 @@ URL_BODIES = st.fixed_dictionaries(
                 "num_beams": st.integers(-1, 10),
                 "prompt": st.text(max_size=220),
             },
-        )
+        ),
     },
 )
 
