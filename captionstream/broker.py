@@ -61,23 +61,69 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+MEMORY_STORAGE = "memory://tansu/"
+# The storage engines compiled into the Tansu build we ship (no file://, sqlite://,
+# postgres:// in it).
+STORAGE_SCHEMES = ("memory://", "s3://")
+
+
+def check_storage(storage: str) -> str:
+    if not storage.startswith(STORAGE_SCHEMES) or storage in STORAGE_SCHEMES:
+        raise BrokerError(
+            f"broker storage {storage!r}: expected memory://NAME/ (nothing survives a "
+            "restart) or s3://BUCKET/ (durable)"
+        )
+    return storage
+
+
+def s3_env(
+    endpoint: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    region: str | None = None,
+) -> dict[str, str]:
+    """The environment Tansu's S3 storage reads (the `object_store` crate's AWS_* names).
+
+    Tansu needs an access key and secret even for a local server; an `http://` endpoint
+    also needs AWS_ALLOW_HTTP. Unset arguments leave the caller's environment in charge.
+    """
+    env: dict[str, str] = {}
+    if endpoint:
+        env["AWS_ENDPOINT"] = endpoint
+        if endpoint.startswith("http://"):
+            env["AWS_ALLOW_HTTP"] = "true"
+    if access_key_id:
+        env["AWS_ACCESS_KEY_ID"] = access_key_id
+    if secret_access_key:
+        env["AWS_SECRET_ACCESS_KEY"] = secret_access_key
+    if region:
+        env["AWS_DEFAULT_REGION"] = region
+    return env
+
+
 class EmbeddedBroker:
     """Runs one Tansu broker process on `host:port`, in memory unless `storage` says otherwise.
 
-    Use as a context manager; `start()` returns once the port accepts connections.
+    `storage`: `memory://tansu/` (default; nothing survives the process) or
+    `s3://BUCKET/` (topics, records and committed offsets survive a restart; the S3
+    endpoint and keys come from `env`, see `s3_env`). A stopped broker can be started
+    again on the same port and storage.
+
+    Use as a context manager; `start()` returns once the port accepts connections (an
+    unreachable S3 store shows only when clients make requests, in the broker's log).
     """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
         port: int = 9092,
-        storage: str = "memory://tansu/",
+        storage: str = MEMORY_STORAGE,
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.storage = storage
+        self.storage = check_storage(storage)
         self.log_file = log_file
         self.env = env or {}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -123,11 +169,12 @@ class EmbeddedBroker:
         log.info("embedded Kafka broker (tansu) listening on %s", self.bootstrap)
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        """Stop the broker with `sig` (SIGKILL after `timeout_s`); `start()` may follow."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from captionstream.broker import EmbeddedBroker, die_with_parent
+from captionstream.broker import EmbeddedBroker, die_with_parent, s3_env
 from captionstream.errors import CaptionstreamError
 from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
+    BrokerSettings,
     BulkIngestSettings,
     CommonSettings,
     GatewaySettings,
@@ -44,19 +45,38 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def embedded_broker(settings: BrokerSettings, port: int | None) -> EmbeddedBroker:
+    """The embedded broker on EMBEDDED_BOOTSTRAP's host (`port` overrides its port), on
+    the storage CAPTIONSTREAM_BROKER_STORAGE names."""
+    host, _, default_port = EMBEDDED_BOOTSTRAP.rpartition(":")
+    secret = settings.broker_s3_secret_access_key
+    env = s3_env(
+        endpoint=settings.broker_s3_endpoint,
+        access_key_id=settings.broker_s3_access_key_id,
+        secret_access_key=None if secret is None else secret.get_secret_value(),
+        region=settings.broker_s3_region,
+    )
+    return EmbeddedBroker(
+        host=host, port=port or int(default_port), storage=settings.broker_storage, env=env
+    )
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground until SIGINT/SIGTERM."""
-    settings = CommonSettings()
+    settings = BrokerSettings()
     if settings.kafka_bootstrap is not None:
         log.error(
             "CAPTIONSTREAM_KAFKA_BOOTSTRAP=%s is set: using that Kafka, starting nothing",
             settings.kafka_bootstrap,
         )
         return 2
-    host, _, port = EMBEDDED_BOOTSTRAP.rpartition(":")
     signal.signal(signal.SIGTERM, _raise_stop)
-    with EmbeddedBroker(host=host, port=args.port or int(port)) as broker:
-        log.info("embedded broker ready on %s (Ctrl-C to stop)", broker.bootstrap)
+    with embedded_broker(settings, args.port) as broker:
+        log.info(
+            "embedded broker ready on %s, storage %s (Ctrl-C to stop)",
+            broker.bootstrap,
+            broker.storage,
+        )
         with contextlib.suppress(_Stop, KeyboardInterrupt):
             broker.wait()
     return 0
@@ -81,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     Children are stopped on Ctrl-C/SIGTERM, or when any of them exits: no orphans.
     """
-    settings = CommonSettings()
+    settings = BrokerSettings()
     broker: EmbeddedBroker | None = None
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -90,8 +110,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0
     try:
         if settings.kafka_bootstrap is None:
-            host, _, port = EMBEDDED_BOOTSTRAP.rpartition(":")
-            broker = EmbeddedBroker(host=host, port=args.broker_port or int(port))
+            broker = embedded_broker(settings, args.broker_port)
             broker.start()
             env["CAPTIONSTREAM_KAFKA_BOOTSTRAP"] = broker.bootstrap
             env["CAPTIONSTREAM_KAFKA_PROFILE"] = KafkaProfile.EMBEDDED.value

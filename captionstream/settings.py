@@ -88,6 +88,37 @@ class CommonSettings(BaseSettings):
         return self.data_dir / "blobs"
 
 
+class BrokerSettings(CommonSettings):
+    """The embedded broker (`captionstream broker` / `up`): where Tansu keeps its data."""
+
+    broker_storage: str = Field(
+        default="memory://tansu/",
+        description="`memory://tansu/` (nothing survives a broker restart) or `s3://BUCKET/` "
+        "on any S3-compatible store (topics, records and committed offsets survive).",
+    )
+    broker_s3_endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for s3:// storage, e.g. `http://127.0.0.1:9000` for a "
+        "local server (http:// is allowed then); unset: AWS, or AWS_ENDPOINT if set.",
+    )
+    broker_s3_access_key_id: str | None = Field(
+        default=None, description="Unset: AWS_ACCESS_KEY_ID from the environment."
+    )
+    broker_s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="Unset: AWS_SECRET_ACCESS_KEY from the environment."
+    )
+    broker_s3_region: str | None = Field(
+        default=None, description="Unset: AWS_DEFAULT_REGION, else us-east-1."
+    )
+
+    @field_validator("broker_storage")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if not value.startswith(("memory://", "s3://")) or value in ("memory://", "s3://"):
+            raise ValueError("expected memory://NAME/ or s3://BUCKET/")
+        return value
+
+
 class IngestSettings(CommonSettings):
     """Limits on accepted images (defaults match the reference service)."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer
 
-from captionstream.broker import EmbeddedBroker, free_port
+from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
 from captionstream.kafka import assign_whole_topic
 
 
@@ -67,6 +67,7 @@ class Stack:
     log_dir: Path
     components: list[Component] = field(default_factory=list)
     spawn_env: dict[str, str] = field(default_factory=dict)  # for every later spawn
+    broker: EmbeddedBroker | None = None  # the stack's own broker (`own_stack`), if any
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -107,9 +108,10 @@ class Stack:
         assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
         return worker
 
-    def start_gateway(self, timeout_s: float = 60, **env: str) -> Gateway:
-        """A gateway on a free port; `env` adds settings for this gateway only."""
-        port = free_port()
+    def start_gateway(self, timeout_s: float = 60, port: int | None = None, **env: str) -> Gateway:
+        """A gateway on `port` (default: a free one); `env` adds settings for this gateway
+        only."""
+        port = port or free_port()
         component = self.spawn("gateway", CAPTIONSTREAM_PORT=str(port), **env)
         gateway = Gateway(f"http://127.0.0.1:{port}", component)
         wait_until(
@@ -183,13 +185,79 @@ def new_port() -> int:
     return free_port()
 
 
+@dataclass
+class S3Server:
+    """A local S3-compatible server (moto) in a process of its own, holding one bucket."""
+
+    endpoint: str
+    bucket: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def storage(self) -> str:
+        return f"s3://{self.bucket}/"
+
+    def tansu_env(self) -> dict[str, str]:
+        # moto takes any key; Tansu insists on having one.
+        return s3_env(self.endpoint, "test", "test", "us-east-1")
+
+
 @contextlib.contextmanager
-def own_stack(root: Path, **spawn_env: str) -> Iterator[Stack]:
+def s3_server(log_path: Path, bucket: str = "tansu") -> Iterator[S3Server]:
+    """Start `moto_server` on a free port, create `bucket`; stopped on exit."""
+    import boto3  # comes with moto[server] (dev extras)
+
+    port = free_port()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: port_open("127.0.0.1", port) or proc.poll() is not None, 30, "moto_server"
+        )
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        server = S3Server(f"http://127.0.0.1:{port}", bucket, proc)
+        boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def own_stack(root: Path, s3: S3Server | None = None, **spawn_env: str) -> Iterator[Stack]:
     """A stack on a broker of its own, for tests whose workers must not join the
-    session's consumer group (fault injection, kills, load); stopped on exit."""
+    session's consumer group (fault injection, kills, load); stopped on exit.
+
+    With `s3`, the broker stores everything there (durable: `stack.broker` can be
+    stopped and started again without losing topics, records or committed offsets)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker(port=free_port(), log_file=root / "tansu.log") as broker:
-        stack = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
+    broker = EmbeddedBroker(
+        port=free_port(),
+        log_file=root / "tansu.log",
+        storage=MEMORY_STORAGE if s3 is None else s3.storage,
+        env=None if s3 is None else s3.tansu_env(),
+    )
+    with broker:
+        stack = Stack(
+            bootstrap=broker.bootstrap,
+            data_dir=root / "data",
+            log_dir=root / "logs",
+            broker=broker,
+        )
         stack.spawn_env.update(spawn_env)
         try:
             yield stack
