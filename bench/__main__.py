@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import bare, pipeline
 from bench.images import decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
-from bench.stats import BarePoint, PipelineRun, Report, best_point
+from bench.stats import BarePoint, DecoderComparison, PipelineRun, Report, best_point
 from bench.system import DISTURBED_CORES, machine_description
 
 ROOT = Path(__file__).resolve().parent
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-bare", action="store_true", help="skip the bare-model points")
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline run")
+    p.add_argument(
+        "--decoder-rounds",
+        type=int,
+        default=None,
+        help="lean greedy loop vs generate(): timed batches of each, alternating, at the "
+        "reduced precision and batch sizes >= 8 (default 2; --quick 1; 0 skips it)",
+    )
     p.add_argument(
         "--output",
         default=str(ROOT / "RESULTS.md"),
@@ -229,6 +236,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet_wait_s=args.quiet_wait_s,
             )
 
+    decoders: list[DecoderComparison] = []
+    decoder_rounds = (
+        args.decoder_rounds if args.decoder_rounds is not None else (1 if args.quick else 2)
+    )
+    if decoder_rounds > 0 and not args.no_bare:
+        reduced = resolved("auto")
+        sizes = [b for b in batch_sizes if b >= 8] or [max(batch_sizes)]
+        progress(f"decoder: lean loop vs generate(), {reduced}, batch sizes {sizes}")
+        decoders = bare.compare_decoders(
+            model_dir,
+            precision=reduced,
+            device=device,
+            batch_sizes=sizes,
+            rounds=decoder_rounds,
+            images=[decode(j) for j in jpegs],
+            new_tokens=args.new_tokens,
+            progress=progress,
+        )
+
     run: PipelineRun | None = None
     notes: list[str] = [
         "Model: the full-size BLIP-base architecture (`BlipConfig()` defaults, 224M "
@@ -236,8 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loaded through the worker's own `from_pretrained` path; its generation config makes "
         f"every caption exactly {args.new_tokens} tokens. Speed does not depend on the "
         "weights' values. Images: synthetic 640x480 JPEGs.",
-        "Bare: `BlipCaptioner.caption` in one process (preprocessing + generate + decode), "
-        "one warm-up batch per batch size, then the timed batches.",
+        "Bare: `BlipCaptioner.caption` in one process (preprocessing + vision encoder + "
+        "greedy decoding as the worker does it, i.e. the lean loop + text decode), one "
+        "warm-up batch per batch size, then the timed batches.",
+        "Greedy decoding: the same batch captioned by `caption()` with `generate()` and with "
+        "the lean loop (`processor/greedy.py`), alternately after one warm-up each; the "
+        "speed-up is the ratio of the fastest batch of each.",
     ]
     best = best_point(points) if points else None
     if not args.no_pipeline:
@@ -327,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
         "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
     }
-    report = Report("captionstream benchmark", machine, settings, points, run, notes)
+    report = Report(
+        "captionstream benchmark", machine, settings, points, run, notes, decoders=decoders
+    )
     text = report.markdown()
     print(text)
     if args.output != "-":

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.stats import BarePoint
+from bench.stats import BarePoint, DecoderComparison
 from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from processor.captioner import BlipCaptioner, GenerationDefaults
 from schemas.events import GenerationOptions
@@ -137,6 +137,59 @@ def _timed(
         other_cores=other,
         page_faults=None if faults is None or after is None else after - faults,
     )
+
+
+def compare_decoders(
+    model_dir: Path,
+    *,
+    precision: str,
+    device: str,
+    batch_sizes: Sequence[int],
+    rounds: int,
+    images: Sequence[Image],
+    new_tokens: int,
+    progress: Progress,
+) -> list[DecoderComparison]:
+    """`caption()` of one batch with `generate()` and with the lean greedy loop,
+    alternately, `rounds` times each per batch size (after one warm-up of each)."""
+    captioner = BlipCaptioner.load(
+        str(model_dir),
+        data_dir=model_dir.parent,
+        device=device,
+        precision=precision,
+        defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
+    )
+    pool = itertools.cycle(images)
+    found: list[DecoderComparison] = []
+    for size in batch_sizes:
+        batch = [next(pool) for _ in range(size)]
+        options = [GenerationOptions()] * size
+        times: dict[bool, list[float]] = {False: [], True: []}
+        captions: set[tuple[str, ...]] = set()
+        for i in range(rounds + 1):
+            for lean in (False, True):
+                captioner.lean_decoder = lean
+                t0 = time.perf_counter()
+                captions.add(tuple(captioner.caption(batch, options)))
+                if i:  # the first round warms both up
+                    times[lean].append(time.perf_counter() - t0)
+        comparison = DecoderComparison(
+            precision,
+            size,
+            tuple(times[False]),
+            tuple(times[True]),
+            identical=len(captions) == 1,
+        )
+        progress(
+            f"decoder {precision} batch {size}: generate() {min(times[False]):.2f} s, "
+            f"lean loop {min(times[True]):.2f} s per batch ({comparison.speedup:.2f}x), "
+            f"{'identical' if comparison.identical else 'DIFFERENT'} captions"
+        )
+        found.append(comparison)
+    del captioner
+    gc.collect()
+    _free_accelerator_memory()
+    return found
 
 
 def _free_accelerator_memory() -> None:

@@ -361,6 +361,52 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class DecoderComparison:
+    """The same batch captioned with `generate()` and with the lean greedy loop,
+    alternately (generate, lean, generate, lean, ...), so both see the same machine."""
+
+    precision: str
+    batch_size: int
+    generate_seconds: tuple[float, ...]
+    lean_seconds: tuple[float, ...]
+    identical: bool  # the same captions from both, every time
+
+    @property
+    def speedup(self) -> float:
+        """generate() time / lean time, each the fastest of its batches (least disturbed)."""
+        return min(self.generate_seconds) / min(self.lean_seconds)
+
+
+def decoder_table(comparisons: Sequence[DecoderComparison]) -> list[str]:
+    rows = [
+        (
+            c.precision,
+            str(c.batch_size),
+            str(len(c.generate_seconds)),
+            f"{min(c.generate_seconds):.2f}",
+            f"{min(c.lean_seconds):.2f}",
+            f"{c.batch_size / min(c.lean_seconds):.2f}",
+            f"**{c.speedup:.2f}x**",
+            "yes" if c.identical else "**NO**",
+        )
+        for c in comparisons
+    ]
+    return _table(
+        (
+            "precision",
+            "batch",
+            "batches each",
+            "generate() s / batch",
+            "lean loop s / batch",
+            "images/s (lean)",
+            "lean vs generate()",
+            "identical captions",
+        ),
+        rows,
+    )
+
+
 @dataclass
 class Report:
     title: str
@@ -369,6 +415,7 @@ class Report:
     points: Sequence[BarePoint]
     pipeline: PipelineRun | None
     notes: list[str] = field(default_factory=list)
+    decoders: Sequence[DecoderComparison] = ()
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
@@ -378,6 +425,9 @@ class Report:
         if self.points:
             lines += ["", "## Bare model (in-process `BlipCaptioner.caption`, no Kafka)", ""]
             lines += bare_table(self.points)
+        if self.decoders:
+            lines += ["", "## Greedy decoding: lean loop vs `generate()` (whole `caption()`)", ""]
+            lines += decoder_table(self.decoders)
         if self.pipeline is not None:
             best = best_point(self.points) if self.points else None
             lines += ["", "## Whole pipeline (HTTP upload -> caption event)", ""]

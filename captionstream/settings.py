@@ -304,6 +304,11 @@ class ProcessorSettings(CommonSettings):
         le=2**31 - 1,
         description="mmap/trim threshold and top pad when malloc_tuning is on.",
     )
+    lean_decoder: bool = Field(
+        default=True,
+        description="BLIP greedy captions through a lean decoding loop (same token ids as "
+        "generate(), less work per token); off: always generate().",
+    )
 
 
 class BulkIngestSettings(IngestSettings):

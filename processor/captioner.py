@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from captionstream.errors import ModelLoadError
+from processor.greedy import lean_greedy, lean_greedy_supported
 from processor.precision import cpu_has_native_bf16, resolve_precision
 from processor.tiny_blip import TINY_BLIP, build_tiny_blip
 from schemas.events import GenerationOptions
@@ -94,16 +95,28 @@ def model_load_error(model: str, exc: BaseException, hint: str) -> ModelLoadErro
 
 
 class BlipCaptioner:
-    """BLIP (`BlipForConditionalGeneration`), batched, under `torch.inference_mode`."""
+    """BLIP (`BlipForConditionalGeneration`), batched, under `torch.inference_mode`.
+
+    Greedy captions (one beam) go through `processor.greedy.lean_greedy` when
+    `lean_decoder` is on and the model's generation config allows it: the same token ids
+    as `model.generate()`, with less work per token. Everything else uses `generate()`.
+    """
 
     def __init__(
-        self, model: Any, processor: Any, device: str, name: str, defaults: GenerationDefaults
+        self,
+        model: Any,
+        processor: Any,
+        device: str,
+        name: str,
+        defaults: GenerationDefaults,
+        lean_decoder: bool = True,
     ) -> None:
         self.model = model
         self.processor = processor
         self.device = device
         self.name = name
         self.defaults = defaults
+        self.lean_decoder = lean_decoder
 
     @classmethod
     def load(
@@ -114,6 +127,7 @@ class BlipCaptioner:
         device: str = "auto",
         precision: str = "auto",
         defaults: GenerationDefaults | None = None,
+        lean_decoder: bool = True,
     ) -> BlipCaptioner:
         """Load `model` onto `device` in `precision` (see `processor.precision`)."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
@@ -145,14 +159,22 @@ class BlipCaptioner:
         if decoder is not None:
             decoder.generation_config = net.generation_config
         log.info(
-            "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s)",
+            "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s); greedy decoding: %s",
             model,
             device,
             chosen.value,
             net.dtype,
             precision,
+            "lean loop" if lean_decoder and lean_greedy_supported(net, 1) else "generate()",
         )
-        return cls(net, processor, device, name=model, defaults=defaults or GenerationDefaults())
+        return cls(
+            net,
+            processor,
+            device,
+            name=model,
+            defaults=defaults or GenerationDefaults(),
+            lean_decoder=lean_decoder,
+        )
 
     def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
         return caption_in_groups(images, options, self.defaults, self._generate)
@@ -166,5 +188,14 @@ class BlipCaptioner:
         # The processor makes fp32 pixels; a bf16/fp16 model needs its own dtype.
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
-            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            mask = inputs.get("attention_mask")
+            unpadded = mask is None or bool(mask.all())  # one prompt per group: no padding
+            if self.lean_decoder and unpadded and lean_greedy_supported(self.model, num_beams):
+                ids = lean_greedy(
+                    self.model, inputs["pixel_values"], inputs.get("input_ids"), max_new_tokens
+                )
+            else:
+                ids = self.model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams
+                )
         return [s.strip() for s in self.processor.batch_decode(ids, skip_special_tokens=True)]

@@ -66,6 +66,7 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
             device=settings.device,
             precision=settings.precision,
             defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
+            lean_decoder=settings.lean_decoder,
         )
     if settings.captioner == "hf-image-to-text":
         return HFImageToTextCaptioner.load(

@@ -19,6 +19,7 @@ from bench.model import bert_style_vocab
 from bench.stats import (
     STAGES,
     BarePoint,
+    DecoderComparison,
     JobTimes,
     LatencySummary,
     PipelineRun,
@@ -163,6 +164,17 @@ def test_report_without_pipeline_or_bare() -> None:
     pipeline_only = Report("b", {}, {}, [], pipeline_run()).markdown()
     assert "Bare model" not in pipeline_only
     assert "| bf16 | 8 | 0.1 | 16 | 48 | 0 | **3.00** |  | ? |" in pipeline_only
+
+
+def test_decoder_comparison_section() -> None:
+    same = DecoderComparison("bf16", 8, (2.0, 2.4), (1.6, 1.8), identical=True)
+    assert same.speedup == pytest.approx(1.25)  # fastest of each: 2.0 / 1.6
+    differs = DecoderComparison("bf16", 16, (4.0,), (4.0,), identical=False)
+    text = Report("b", {}, {}, points(), None, decoders=[same, differs]).markdown()
+    assert "## Greedy decoding: lean loop vs `generate()`" in text
+    assert "| bf16 | 8 | 2 | 2.00 | 1.60 | 5.00 | **1.25x** | yes |" in text
+    assert "| bf16 | 16 | 1 | 4.00 | 4.00 | 4.00 | **1.00x** | **NO** |" in text
+    assert "Greedy decoding" not in Report("b", {}, {}, points(), None).markdown()
 
 
 def test_default_batch_wait() -> None:
