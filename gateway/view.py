@@ -203,8 +203,7 @@ class JobStateFollower:
     async def start(self, catch_up_timeout_s: float) -> None:
         await self.consumer.start()
         tps = await assign_whole_topic(self.consumer, self.topic)
-        ends = await self.consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._run(ends), name="job-state-follower")
+        self._task = asyncio.create_task(self._run(tps), name="job-state-follower")
         try:
             await asyncio.wait_for(self.caught_up.wait(), catch_up_timeout_s)
         except TimeoutError:
@@ -216,10 +215,12 @@ class JobStateFollower:
         """Whether the follow loop is alive (it retries Kafka errors; anything else ends it)."""
         return self._task is not None and not self._task.done()
 
-    async def _run(self, ends: dict[TopicPartition, int]) -> None:
-        pending = {tp: end for tp, end in ends.items() if end > 0}
-        if not pending:
-            self.caught_up.set()
+    async def _run(self, tps: list[TopicPartition]) -> None:
+        # Caught up once each partition's position reaches the high watermark of a fetch
+        # response (the log end when the broker answered, so at or after start). Not
+        # from end_offsets() (ListOffsets): the embedded broker on s3:// storage answers
+        # it wrongly (too low), and the view would claim to be rebuilt far too early.
+        pending = set(tps)
         while True:
             try:
                 batches = await self.consumer.getmany(timeout_ms=500)
@@ -232,8 +233,9 @@ class JobStateFollower:
                     self._apply(record.key, record.value)
             if pending:
                 for tp in list(pending):
-                    if await self.consumer.position(tp) >= pending[tp]:
-                        del pending[tp]
+                    highwater = self.consumer.highwater(tp)
+                    if highwater is not None and await self.consumer.position(tp) >= highwater:
+                        pending.discard(tp)
                 if not pending:
                     self.caught_up.set()
 
