@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install chromium run test test-unit lint format schemas bench clean
+.PHONY: install chromium run test test-unit soak lint format schemas bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: install chromium
 
 test-unit: install
 	$(BIN)/pytest -q -m "not integration"
+
+# Long fault and load runs (tests marked `soak`; `make test` leaves them out): repeated
+# broker, gateway and worker kills under a steady load. Several minutes on 2 cores.
+soak: install
+	$(BIN)/pytest -q -m soak -s
 
 lint: install
 	$(BIN)/ruff check .
