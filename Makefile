@@ -36,7 +36,7 @@ test-unit: install
 	$(BIN)/pytest -q -m "not integration"
 
 # Long fault and load runs (tests marked `soak`; `make test` leaves them out): repeated
-# broker, gateway and worker kills under a steady load. Several minutes on 2 cores.
+# broker and gateway kills under a steady load. About 5 minutes on 2 cores.
 soak: install
 	$(BIN)/pytest -q -m soak -s
 
