@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder-rounds",
         type=int,
         default=None,
-        help="lean greedy loop vs generate(): timed batches of each, alternating, at the "
-        "reduced precision and batch sizes >= 8 (default 2; --quick 1; 0 skips it)",
+        help="greedy decoding variants (generate() vs the lean loop, plain vs packed "
+        "weights): timed batches of each, alternating, at the reduced precision and batch "
+        "sizes >= 8 (default 2; --quick 1; 0 skips it)",
     )
     p.add_argument(
         "--output",
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if decoder_rounds > 0 and not args.no_bare:
         reduced = resolved("auto")
         sizes = [b for b in batch_sizes if b >= 8] or [max(batch_sizes)]
-        progress(f"decoder: lean loop vs generate(), {reduced}, batch sizes {sizes}")
+        progress(f"decoding variants: {reduced}, batch sizes {sizes}")
         decoders = bare.compare_decoders(
             model_dir,
             precision=reduced,
@@ -263,11 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"every caption exactly {args.new_tokens} tokens. Speed does not depend on the "
         "weights' values. Images: synthetic 640x480 JPEGs.",
         "Bare: `BlipCaptioner.caption` in one process (preprocessing + vision encoder + "
-        "greedy decoding as the worker does it, i.e. the lean loop + text decode), one "
-        "warm-up batch per batch size, then the timed batches.",
-        "Greedy decoding: the same batch captioned by `caption()` with `generate()` and with "
-        "the lean loop (`processor/greedy.py`), alternately after one warm-up each; the "
-        "speed-up is the ratio of the fastest batch of each.",
+        "greedy decoding + text decode, as the worker does it: lean loop, packed weights), "
+        "one warm-up batch per batch size, then the timed batches.",
+        "Greedy decoding variants: the same batch captioned by `caption()` with HF "
+        "`generate()` and plain weights (before), the lean loop (`processor/greedy.py`), "
+        "and the lean loop with oneDNN-packed weights (`processor/packing.py`, what the "
+        "worker runs), in turn after one untimed round; ratios of the fastest batch of each.",
     ]
     best = best_point(points) if points else None
     if not args.no_pipeline:

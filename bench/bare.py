@@ -139,6 +139,14 @@ def _timed(
     )
 
 
+# How the worker captions (first) against what it replaced: variant -> (lean loop, packed).
+DECODER_VARIANTS = {
+    "generate(), plain weights": (False, False),
+    "lean loop, plain weights": (True, False),
+    "lean loop, packed weights (the worker)": (True, True),
+}
+
+
 def compare_decoders(
     model_dir: Path,
     *,
@@ -150,43 +158,51 @@ def compare_decoders(
     new_tokens: int,
     progress: Progress,
 ) -> list[DecoderComparison]:
-    """`caption()` of one batch with `generate()` and with the lean greedy loop,
-    alternately, `rounds` times each per batch size (after one warm-up of each)."""
-    captioner = BlipCaptioner.load(
-        str(model_dir),
-        data_dir=model_dir.parent,
-        device=device,
-        precision=precision,
-        defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
-    )
+    """`caption()` of one batch by each of `DECODER_VARIANTS` in turn, `rounds` times
+    each per batch size (after one untimed round)."""
+
+    def load(prepack: bool) -> BlipCaptioner:
+        return BlipCaptioner.load(
+            str(model_dir),
+            data_dir=model_dir.parent,
+            device=device,
+            precision=precision,
+            defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
+            prepack_weights=prepack,
+        )
+
+    captioners = {False: load(False), True: load(True)}
     pool = itertools.cycle(images)
     found: list[DecoderComparison] = []
     for size in batch_sizes:
         batch = [next(pool) for _ in range(size)]
         options = [GenerationOptions()] * size
-        times: dict[bool, list[float]] = {False: [], True: []}
+        times: dict[str, list[float]] = {name: [] for name in DECODER_VARIANTS}
         captions: set[tuple[str, ...]] = set()
         for i in range(rounds + 1):
-            for lean in (False, True):
+            for name, (lean, packed) in DECODER_VARIANTS.items():
+                captioner = captioners[packed]
                 captioner.lean_decoder = lean
                 t0 = time.perf_counter()
                 captions.add(tuple(captioner.caption(batch, options)))
-                if i:  # the first round warms both up
-                    times[lean].append(time.perf_counter() - t0)
+                if i:  # the first round warms every variant up
+                    times[name].append(time.perf_counter() - t0)
         comparison = DecoderComparison(
             precision,
             size,
-            tuple(times[False]),
-            tuple(times[True]),
+            {name: tuple(t) for name, t in times.items()},
             identical=len(captions) == 1,
         )
         progress(
-            f"decoder {precision} batch {size}: generate() {min(times[False]):.2f} s, "
-            f"lean loop {min(times[True]):.2f} s per batch ({comparison.speedup:.2f}x), "
-            f"{'identical' if comparison.identical else 'DIFFERENT'} captions"
+            f"decoding {precision} batch {size}: "
+            + ", ".join(
+                f"{name} {min(t):.2f} s ({comparison.speedup(name):.2f}x)"
+                for name, t in times.items()
+            )
+            + f"; {'identical' if comparison.identical else 'DIFFERENT'} captions"
         )
         found.append(comparison)
-    del captioner
+    del captioners
     gc.collect()
     _free_accelerator_memory()
     return found

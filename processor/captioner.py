@@ -128,9 +128,13 @@ class BlipCaptioner:
         precision: str = "auto",
         defaults: GenerationDefaults | None = None,
         lean_decoder: bool = True,
+        prepack_weights: bool = True,
     ) -> BlipCaptioner:
-        """Load `model` onto `device` in `precision` (see `processor.precision`)."""
+        """Load `model` onto `device` in `precision` (see `processor.precision`);
+        `prepack_weights`: see `processor.packing` (CPU bf16 only)."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        from processor.packing import prepack_linears
 
         device = select_device(device)
         # A bad precision setting fails before the (slow) model load.
@@ -151,6 +155,7 @@ class BlipCaptioner:
                 f"or to {TINY_BLIP!r} for a tiny random test model.",
             ) from exc
         net.to(device).eval()
+        packed = prepack_linears(net) if prepack_weights else 0
         # BLIP's generate() runs its text decoder, whose generation config is built from
         # the text config and ignores the model's saved generation_config.json: hand that
         # over, so what the model ships with (e.g. min_new_tokens) applies. Our explicit
@@ -159,13 +164,15 @@ class BlipCaptioner:
         if decoder is not None:
             decoder.generation_config = net.generation_config
         log.info(
-            "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s); greedy decoding: %s",
+            "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s); greedy decoding: "
+            "%s; %d linear layers with pre-packed weights",
             model,
             device,
             chosen.value,
             net.dtype,
             precision,
             "lean loop" if lean_decoder and lean_greedy_supported(net, 1) else "generate()",
+            packed,
         )
         return cls(
             net,

@@ -67,6 +67,7 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
             precision=settings.precision,
             defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
             lean_decoder=settings.lean_decoder,
+            prepack_weights=settings.prepack_weights,
         )
     if settings.captioner == "hf-image-to-text":
         return HFImageToTextCaptioner.load(

@@ -167,13 +167,17 @@ def test_report_without_pipeline_or_bare() -> None:
 
 
 def test_decoder_comparison_section() -> None:
-    same = DecoderComparison("bf16", 8, (2.0, 2.4), (1.6, 1.8), identical=True)
-    assert same.speedup == pytest.approx(1.25)  # fastest of each: 2.0 / 1.6
-    differs = DecoderComparison("bf16", 16, (4.0,), (4.0,), identical=False)
+    same = DecoderComparison(
+        "bf16", 8, {"generate()": (2.0, 2.4), "lean loop": (1.6, 1.8)}, identical=True
+    )
+    assert same.baseline == "generate()"
+    assert same.speedup("lean loop") == pytest.approx(1.25)  # fastest of each: 2.0 / 1.6
+    differs = DecoderComparison("bf16", 16, {"generate()": (4.0,), "lean": (4.0,)}, False)
     text = Report("b", {}, {}, points(), None, decoders=[same, differs]).markdown()
-    assert "## Greedy decoding: lean loop vs `generate()`" in text
-    assert "| bf16 | 8 | 2 | 2.00 | 1.60 | 5.00 | **1.25x** | yes |" in text
-    assert "| bf16 | 16 | 1 | 4.00 | 4.00 | 4.00 | **1.00x** | **NO** |" in text
+    assert "## Greedy decoding variants" in text
+    assert "| bf16 | 8 | generate() | 2 | 2.00 | 4.00 | **1.00x** | yes |" in text
+    assert "| bf16 | 8 | lean loop | 2 | 1.60 | 5.00 | **1.25x** | yes |" in text
+    assert "| bf16 | 16 | lean | 1 | 4.00 | 4.00 | **1.00x** | **NO** |" in text
     assert "Greedy decoding" not in Report("b", {}, {}, points(), None).markdown()
 
 

@@ -1,0 +1,115 @@
+"""oneDNN-packed linear weights (`processor.packing`): same results as `nn.Linear`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants
+import pytest
+import torch
+from PIL import Image
+
+from processor.captioner import BlipCaptioner
+from processor.greedy import lean_greedy
+from processor.packing import PackedLinear, _ops_available, prepack_linears
+from processor.tiny_blip import TINY_BLIP
+from schemas.events import GenerationOptions
+
+needs_ops = pytest.mark.skipif(not _ops_available(), reason="torch without oneDNN linear ops")
+
+
+def net(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False)
+    ).to(dtype)
+
+
+@needs_ops
+def test_bf16_linears_are_packed_and_give_the_same_results() -> None:
+    plain = net(torch.bfloat16)
+    packed = net(torch.bfloat16)
+    assert prepack_linears(packed) == 2
+    assert all(isinstance(packed[i], PackedLinear) for i in (0, 2))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # let go
+    x = torch.randn(6, 4, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+        strided = x.transpose(0, 1)  # the plain path, same result
+        assert torch.equal(packed(strided), plain(strided))
+    assert prepack_linears(packed) == 0  # idempotent
+
+
+def test_other_dtypes_are_left_alone() -> None:
+    for dtype in (torch.float32, torch.float16):
+        model = net(dtype)
+        assert prepack_linears(model) == 0
+        assert isinstance(model[0], torch.nn.Linear)
+
+
+def test_nothing_is_packed_without_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("processor.packing._ops_available", lambda: False)
+    assert prepack_linears(net(torch.bfloat16)) == 0
+
+
+@pytest.fixture(scope="module")
+def captioners(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, BlipCaptioner]:
+    data = tmp_path_factory.getbasetemp() / "packing-data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return {
+            packed: BlipCaptioner.load(
+                TINY_BLIP, data_dir=data, device="cpu", precision="bf16", prepack_weights=packed
+            )
+            for packed in (False, True)
+        }
+
+
+@needs_ops
+def test_packed_blip_gives_generates_token_ids(captioners: dict[bool, BlipCaptioner]) -> None:
+    plain: Any = captioners[False].model
+    packed: Any = captioners[True].model
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    images = [Image.new("RGB", (40 + 9 * i, 30), c) for i, c in enumerate(["red", "blue", "gray"])]
+    processor = captioners[False].processor
+    for prompt in (None, "a picture of"):
+        inputs = processor(
+            images=images, text=[prompt] * 3 if prompt else None, return_tensors="pt"
+        )
+        pixels = inputs["pixel_values"].to(torch.bfloat16)
+        ids = inputs.get("input_ids")
+        with torch.inference_mode():
+            expected = plain.generate(
+                pixel_values=pixels,
+                input_ids=None if ids is None else ids.clone(),
+                attention_mask=inputs.get("attention_mask"),
+                max_new_tokens=12,
+            )
+            assert torch.equal(lean_greedy(packed, pixels, ids, 12), expected)
+    options = [GenerationOptions(max_new_tokens=12), GenerationOptions(num_beams=2)]
+    assert captioners[True].caption(images[:2], options) == captioners[False].caption(
+        images[:2], options
+    )
+
+
+def test_worker_settings_reach_the_captioner(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from captionstream.settings import ProcessorSettings
+    from processor import worker
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(BlipCaptioner, "load", lambda model, **kw: seen.update(kw))
+    monkeypatch.setenv("CAPTIONSTREAM_LEAN_DECODER", "false")
+    monkeypatch.setenv("CAPTIONSTREAM_PREPACK_WEIGHTS", "false")
+    worker.load_captioner(ProcessorSettings(data_dir=tmp_path))
+    assert seen["lean_decoder"] is False
+    assert seen["prepack_weights"] is False
+    monkeypatch.delenv("CAPTIONSTREAM_LEAN_DECODER")
+    monkeypatch.delenv("CAPTIONSTREAM_PREPACK_WEIGHTS")
+    worker.load_captioner(ProcessorSettings(data_dir=tmp_path))
+    assert seen["lean_decoder"] is True
+    assert seen["prepack_weights"] is True
