@@ -330,8 +330,11 @@ def create_app(
         for tp in app.consumer.assignment():
             if tp.topic == TOPICS.images.name:
                 position = await app.consumer.position(tp)
-                if position is not None:
-                    lag = max(0, app.consumer.highwater(tp) - position)
+                # No high watermark until the partition's first fetch response (a just
+                # assigned partition): no figure then, rather than a crashed worker.
+                highwater = app.consumer.highwater(tp)
+                if position is not None and highwater is not None:
+                    lag = max(0, highwater - position)
                     metrics.consumer_lag.labels(str(tp.partition)).set(lag)
 
     started = asyncio.Event()
