@@ -32,6 +32,7 @@ from processor.pipeline import (
     caption_batch,
     handle_batch,
 )
+from processor.tansu import use_fetch_highwaters
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -176,6 +177,7 @@ class ProcessorApp:
 def create_app(
     settings: ProcessorSettings, captioner: Captioner, blobs: LocalBlobStore, datadir: Path
 ) -> ProcessorApp:
+    tuning = tuning_for(settings.profile)
     app = faust.App(
         settings.group_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -192,8 +194,10 @@ def create_app(
         # alike: Faust's key encoding can never route a job differently than the gateway.
         key_serializer="raw",
         value_serializer="raw",
-        **tuning_for(settings.profile).faust_kwargs(),
+        **tuning.faust_kwargs(),
     )
+    if tuning.highwaters_from_fetch:
+        use_fetch_highwaters(app)
 
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(
