@@ -27,6 +27,8 @@ from tests.conftest import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 
 SECRET = "integration-webhook-secret"
+# A group of this module's own: no other test's gateway takes a share of the partitions.
+GROUP = f"webhooks-test-{uuid.uuid4().hex[:8]}"
 
 
 class Receiver:
@@ -84,8 +86,7 @@ def hooked(stack: Stack, worker: Component) -> Gateway:
         CAPTIONSTREAM_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
         CAPTIONSTREAM_WEBHOOK_BACKOFF_S="0.2",
         CAPTIONSTREAM_WEBHOOK_MAX_ATTEMPTS="4",
-        # A group of its own: no other test's gateway takes a share of the partitions.
-        CAPTIONSTREAM_WEBHOOK_GROUP_ID=f"webhooks-test-{uuid.uuid4().hex[:8]}",
+        CAPTIONSTREAM_WEBHOOK_GROUP_ID=GROUP,
     )
 
 
@@ -174,20 +175,61 @@ def test_a_410_is_given_up_after_one_attempt(hooked: Gateway, receiver: Receiver
     receiver.wait_for("/gone", 1)
     time.sleep(2.0)  # backoff 0.2 s: a retry would have come by now
     assert len(receiver.requests["/gone"]) == 1
+    wait_until(lambda: delivered(hooked, "rejected") >= 1, 10, "the rejected count")
+    assert metric(hooked, "captionstream_gateway_webhook_attempts_total", result="4xx") >= 1
 
-    def metric(name: str, **labels: str) -> float:
-        text = httpx.get(f"{hooked.url}/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        return 0.0
 
-    outcomes = "captionstream_gateway_webhook_deliveries_total"
-    wait_until(lambda: metric(outcomes, outcome="rejected") >= 1, 10, "the rejected count")
-    assert metric("captionstream_gateway_webhook_attempts_total", result="4xx") >= 1
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def delivered(gateway: Gateway, outcome: str = "delivered") -> float:
+    return metric(gateway, "captionstream_gateway_webhook_deliveries_total", outcome=outcome)
+
+
+def test_replicas_share_the_deliveries_and_send_each_webhook_once(
+    stack: Stack, hooked: Gateway, receiver: Receiver
+) -> None:
+    """A second gateway joins `hooked`'s webhook group: they split the job-state
+    partitions, each finished job's webhook comes from one of them, and both do part of
+    the work. (Every gateway with webhooks on and another group would send them too.)"""
+    replicas = [
+        hooked,
+        stack.start_gateway(
+            CAPTIONSTREAM_WEBHOOK_SECRET=SECRET,
+            CAPTIONSTREAM_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+            CAPTIONSTREAM_WEBHOOK_GROUP_ID=GROUP,
+        ),
+    ]
+    # Warm up until both replicas have delivered since the second joined: the group has
+    # settled with partitions on each (4 partitions), so no rebalance moves work below.
+    baseline = [delivered(g) for g in replicas]
+    colors = itertools.count(1)
+    for _ in range(40):
+        if all(delivered(g) > b for g, b in zip(replicas, baseline, strict=True)):
+            break
+        warm = f"/warm-{next(colors)}"
+        upload(replicas[1], (200, next(colors) % 256, 50), receiver.url(warm))
+        receiver.wait_for(warm, 1)
+    assert all(delivered(g) > b for g, b in zip(replicas, baseline, strict=True)), (
+        "both replicas own partitions"
+    )
+    before = [delivered(g) for g in replicas]
+
+    paths = [f"/replica-{uuid.uuid4().hex[:6]}" for _ in range(12)]
+    for i, path in enumerate(paths):
+        upload(replicas[i % 2], (90, i * 20 % 256, next(colors) % 256), receiver.url(path))
+    for path in paths:
+        receiver.wait_for(path, 1)
+    time.sleep(2.0)  # a duplicate from the other replica would have come by now
+    assert {path: len(receiver.requests[path]) for path in paths} == dict.fromkeys(paths, 1)
+    after = [delivered(g) for g in replicas]
+    assert sum(after) - sum(before) == len(paths), "each webhook delivered by one replica"
 
 
 # --- submission-time refusals -------------------------------------------------------
