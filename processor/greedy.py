@@ -139,7 +139,10 @@ def lean_greedy(
         causal = None
         if length > 1:  # the prompt, all at once: each position sees itself and before
             causal = torch.full(
-                (length, length), torch.finfo(hidden.dtype).min, dtype=hidden.dtype
+                (length, length),
+                torch.finfo(hidden.dtype).min,
+                dtype=hidden.dtype,
+                device=hidden.device,
             ).triu(1)
         for i, layer in enumerate(layers):
             attention = layer.attention.self
