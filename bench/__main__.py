@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     run: PipelineRun | None = None
+    bare_after: BarePoint | None = None
     notes: list[str] = [
         "Model: the full-size BLIP-base architecture (`BlipConfig()` defaults, 224M "
         "parameters, 384x384 input) with random weights, saved with `save_pretrained` and "
@@ -306,6 +307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker_env=dict(args.worker_env),
         )
         progress(f"pipeline: {run.images_per_s:.2f} images/s")
+        if best is not None and (best.precision, best.batch_size) == (precision, size):
+            progress(f"bare: {best.precision} batch {best.batch_size} again, after the pipeline")
+            [bare_after] = bare.measure(
+                model_dir,
+                precision=best.precision,
+                device=device,
+                batch_sizes=[best.batch_size],
+                batches=batches,
+                warmup_batches=args.warmup_batches,
+                images=[decode(j) for j in jpegs],
+                new_tokens=args.new_tokens,
+                progress=progress,
+                retries=args.retries,
+                quiet_wait_s=args.quiet_wait_s,
+            )
         notes.append(
             "Pipeline: embedded broker (Tansu), one `python -m captionstream worker` and one "
             "gateway, all on this machine; a closed loop of async HTTP clients, each "
@@ -360,7 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
     }
     report = Report(
-        "captionstream benchmark", machine, settings, points, run, notes, decoders=decoders
+        "captionstream benchmark",
+        machine,
+        settings,
+        points,
+        run,
+        notes,
+        decoders=decoders,
+        bare_after=bare_after,
     )
     text = report.markdown()
     print(text)

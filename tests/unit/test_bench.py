@@ -125,6 +125,18 @@ def test_ratios() -> None:
     }
 
 
+def test_pipeline_is_also_compared_with_bare_measured_before_and_after_it() -> None:
+    after = BarePoint("bf16", 8, (8 / 3.5, 8 / 3.5))  # 3.5 images/s: the machine slowed
+    found = {r.label: r.value for r in ratios(points(), pipeline_run(), after)}
+    assert found["pipeline / best bare (bf16 batch 8)"] == pytest.approx(0.75)
+    again = "pipeline / best bare measured again after the pipeline (3.50 images/s)"
+    assert found[again] == pytest.approx(3.0 / 3.5)
+    bracket = "pipeline / mean of best bare before and after it (3.75 images/s)"
+    assert found[bracket] == pytest.approx(0.8)
+    report = Report("b", {}, {}, points(), pipeline_run(), bare_after=after).markdown()
+    assert f"- {bracket}: **0.80x**" in report
+
+
 def test_ratios_without_reference_or_pipeline() -> None:
     only_bf16 = [p for p in points() if p.precision == "bf16"]
     found = {r.label for r in ratios(only_bf16, None)}
