@@ -19,6 +19,7 @@ from processor.captioner import (
     model_load_error,
     select_device,
 )
+from processor.precision import cpu_has_native_bf16, resolve_precision
 from schemas.events import GenerationOptions
 
 if TYPE_CHECKING:
@@ -66,13 +67,22 @@ class HFImageToTextCaptioner:
         *,
         data_dir: Path,
         device: str = "auto",
+        precision: str = "auto",
         defaults: GenerationDefaults | None = None,
     ) -> HFImageToTextCaptioner:
+        """Load `model` onto `device` in `precision`, chosen as for BLIP (see
+        `processor.precision`: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)."""
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         device = select_device(device)
+        # A bad precision setting fails before the (slow) model load.
+        chosen = resolve_precision(
+            precision,
+            device,
+            cpu_has_bf16=device.startswith("cpu") and cpu_has_native_bf16(),
+        )
         try:
-            net: Any = AutoModelForImageTextToText.from_pretrained(model)
+            net: Any = AutoModelForImageTextToText.from_pretrained(model, dtype=chosen.dtype)
             image_processor = load_image_processor(model)
             tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError, AttributeError) as exc:
@@ -82,7 +92,15 @@ class HFImageToTextCaptioner:
                 "Set CAPTIONSTREAM_MODEL to a local directory holding a saved model.",
             ) from exc
         net.to(device).eval()
-        log.info("loaded image-to-text model %s (%s) on %s", model, net.config.model_type, device)
+        log.info(
+            "loaded image-to-text model %s (%s) on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s)",
+            model,
+            net.config.model_type,
+            device,
+            chosen.value,
+            net.dtype,
+            precision,
+        )
         return cls(net, image_processor, tokenizer, device, model, defaults or GenerationDefaults())
 
     def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:

@@ -74,6 +74,7 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
             settings.model,
             data_dir=settings.data_dir,
             device=settings.device,
+            precision=settings.precision,
             defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
         )
     module_name, _, attr = settings.captioner.partition(":")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captionstream.errors import ModelLoadError
+from captionstream.errors import ConfigurationError, ModelLoadError
 from captionstream.settings import ProcessorSettings
 from processor.captioner import GenerationDefaults, caption_in_groups
 from processor.hf_captioner import HFImageToTextCaptioner
@@ -90,6 +90,28 @@ def test_captions_one_per_image_with_mixed_options(tiny_ved: Path, tmp_path: Pat
     assert all(isinstance(c, str) for c in captions)
     assert len(captions[1].split()) <= 3
     assert captions[2].startswith("a cat"), "the prompt is the caption's prefix"
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_loads_in_the_chosen_precision(
+    tiny_ved: Path, tmp_path: Path, precision: str, dtype: str
+) -> None:
+    """CAPTIONSTREAM_PRECISION applies to the generic captioner as to BLIP (bf16 runs on
+    any CPU through torch's emulation; `auto` picks it only where the CPU has it)."""
+    captioner = HFImageToTextCaptioner.load(
+        str(tiny_ved), data_dir=tmp_path, device="cpu", precision=precision
+    )
+    assert str(captioner.model.dtype) == f"torch.{dtype}"
+    captions = captioner.caption(images(), [GenerationOptions(max_new_tokens=4)] * 3)
+    assert len(captions) == 3
+    assert all(isinstance(c, str) for c in captions)
+
+
+def test_a_bad_precision_fails_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="CAPTIONSTREAM_PRECISION"):
+        HFImageToTextCaptioner.load(
+            str(tmp_path / "nothing"), data_dir=tmp_path, device="cpu", precision="int3"
+        )
 
 
 def test_selected_by_configuration(
