@@ -142,8 +142,10 @@ async def start_topic_reader(
     bootstrap: str, topic: str, *, from_end: bool = False
 ) -> AIOKafkaConsumer:
     """A started group-less consumer holding every partition of `topic`, positioned at the
-    beginning (or at the end: only right on Tansu with one record per produce batch, which
-    this project's producers use). For tools that read a whole topic; the caller stops it.
+    beginning or at the end. The end is the fetch high watermark (`fetch_highwaters`), not
+    ListOffsets alone, which the embedded broker answers too low on s3:// storage (and on
+    memory:// when a produce batch held several records). For tools that read a whole
+    topic; the caller stops it.
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
@@ -152,7 +154,7 @@ async def start_topic_reader(
         await consumer.start()
         tps = await assign_whole_topic(consumer, topic)
         if from_end:
-            for tp, end in (await consumer.end_offsets(tps)).items():
+            for tp, end in (await fetch_highwaters(bootstrap, tps)).items():
                 consumer.seek(tp, end)
     except (KafkaError, OSError) as exc:
         await consumer.stop()
