@@ -27,11 +27,36 @@ log = logging.getLogger(__name__)
 
 
 class Captioner(Protocol):
+    """A batch of images plus per-image options in, exactly one caption per image out.
+
+    A captioner may also have `input_size: tuple[int, int] | None`, the (width, height)
+    its model shrinks every image to: JPEGs are then decoded no larger than needed
+    (`processor.pipeline.decode_rgb`).
+    """
+
     name: str
 
     def caption(self, images: Sequence[Image], options: Sequence[GenerationOptions]) -> list[str]:
         """Return exactly one caption per image, in order."""
         ...
+
+
+def input_size_of(image_processor: Any) -> tuple[int, int] | None:
+    """The smallest (width, height) an HF image processor's resize keeps both sides at
+    or above, from its `size` (`height`/`width`, or `shortest_edge`; a dict or
+    transformers' `SizeDict`); None if unknown."""
+    size = getattr(image_processor, "size", None)
+
+    def field(name: str) -> int | None:
+        value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+        return value if isinstance(value, int) and value > 0 else None
+
+    height, width, shortest = field("height"), field("width"), field("shortest_edge")
+    if height is not None and width is not None:
+        return (width, height)
+    if shortest is not None:
+        return (shortest, shortest)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +138,7 @@ class BlipCaptioner:
     ) -> None:
         self.model = model
         self.processor = processor
+        self.input_size = input_size_of(getattr(processor, "image_processor", None))
         self.device = device
         self.name = name
         self.defaults = defaults

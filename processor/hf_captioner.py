@@ -16,6 +16,7 @@ from processor.captioner import (
     GenerationDefaults,
     GenerationKey,
     caption_in_groups,
+    input_size_of,
     model_load_error,
     select_device,
 )
@@ -54,6 +55,7 @@ class HFImageToTextCaptioner:
     ) -> None:
         self.model = model
         self.image_processor = image_processor
+        self.input_size = input_size_of(image_processor)
         self.tokenizer = tokenizer
         self.device = device
         self.name = name

@@ -10,7 +10,12 @@ import pytest
 from PIL import Image
 
 from captionstream.errors import ConfigurationError, ModelLoadError
-from processor.captioner import BlipCaptioner, GenerationDefaults, resolve_model_source
+from processor.captioner import (
+    BlipCaptioner,
+    GenerationDefaults,
+    input_size_of,
+    resolve_model_source,
+)
 from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
 
@@ -52,6 +57,31 @@ def test_load_tiny_blip(captioner: BlipCaptioner, data_dir: Path) -> None:
     assert captioner.defaults == GenerationDefaults()
     assert not captioner.model.training  # eval mode
     assert (data_dir / "models" / TINY_BLIP / "config.json").is_file()
+
+
+def test_input_size_is_the_models_image_size(captioner: BlipCaptioner) -> None:
+    size = captioner.processor.image_processor.size
+    assert captioner.input_size == (size.width, size.height)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ({"height": 384, "width": 320}, (320, 384)),
+        ({"shortest_edge": 224}, (224, 224)),
+        ({"longest_edge": 1000}, None),
+        (None, None),
+    ],
+)
+def test_input_size_of_image_processor_sizes(
+    size: dict[str, int] | None, expected: tuple[int, int] | None
+) -> None:
+    class Processor:
+        pass
+
+    processor = Processor()
+    processor.size = size  # type: ignore[attr-defined]
+    assert input_size_of(processor) == expected
 
 
 def test_caption_mixed_options(captioner: BlipCaptioner) -> None:

@@ -127,6 +127,40 @@ def test_decode_rgb_applies_exif_orientation() -> None:
     assert decode_rgb(buf.getvalue(), max_pixels=10_000).size == (10, 40)
 
 
+def jpeg(size: tuple[int, int], exif: Image.Exif | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(buf, "JPEG", exif=exif or Image.Exif())
+    return buf.getvalue()
+
+
+def test_decode_rgb_drafts_a_large_jpeg_down_to_the_model_input_size() -> None:
+    """A 2000x1500 JPEG for a 384x384 model decodes at half size: the largest of 1/2,
+    1/4, 1/8 that keeps both sides >= 384."""
+    img = decode_rgb(jpeg((2000, 1500)), max_pixels=10**8, draft_to=(384, 384))
+    assert img.size == (1000, 750)
+    assert img.mode == "RGB"
+    assert decode_rgb(jpeg((2000, 1500)), max_pixels=10**8).size == (2000, 1500)
+    tiny_target = decode_rgb(jpeg((2000, 1500)), max_pixels=10**8, draft_to=(32, 32))
+    assert tiny_target.size == (250, 188), "at most 1/8"
+
+
+def test_decode_rgb_draft_keeps_small_images_and_other_formats_whole() -> None:
+    assert decode_rgb(jpeg((500, 400)), 10**8, draft_to=(384, 384)).size == (500, 400)
+    assert decode_rgb(png((2000, 1500)), 10**8, draft_to=(384, 384)).size == (2000, 1500)
+
+
+def test_decode_rgb_draft_then_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img = decode_rgb(jpeg((1600, 800), exif), max_pixels=10**8, draft_to=(384, 384))
+    assert img.size == (400, 800), "drafted to 1/2 (800x400), then turned upright"
+
+
+def test_decode_rgb_checks_limits_on_the_stored_size_not_the_drafted_one() -> None:
+    with pytest.raises(ImageUnreadable, match="pixels"):
+        decode_rgb(jpeg((2000, 1500)), max_pixels=2_999_999, draft_to=(384, 384))
+
+
 def test_decode_rgb_refuses_too_many_pixels() -> None:
     with pytest.raises(ImageUnreadable, match="200 pixels"):
         decode_rgb(png((20, 10)), max_pixels=199)
@@ -155,6 +189,21 @@ def test_caption_batch_one_result_per_job_in_order(store: LocalBlobStore) -> Non
         assert result.sha256 == job.sha256
         assert result.image_ref == job.image_ref
         assert result.submitted_at == job.submitted_at
+
+
+def test_caption_batch_decodes_jpegs_for_the_captioners_input_size(
+    store: LocalBlobStore,
+) -> None:
+    captioner = SizeCaptioner()
+    captioner.input_size = (384, 384)  # type: ignore[attr-defined]
+    big = submit(store, "big", jpeg((2000, 1500)))
+    [result] = caption_batch([big], store.get_sync, captioner)
+    assert isinstance(result, CaptionProduced)
+    assert result.caption == "1000x750"
+    plain = SizeCaptioner()  # no input_size: decoded whole
+    [whole] = caption_batch([big], store.get_sync, plain)
+    assert isinstance(whole, CaptionProduced)
+    assert whole.caption == "2000x1500"
 
 
 def test_caption_batch_passes_each_jobs_options(store: LocalBlobStore) -> None:
