@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import bare, pipeline
-from bench.images import decode, synthetic_jpegs
+from bench.images import compare_decoding, decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
 from bench.stats import BarePoint, DecoderComparison, PipelineRun, Report, best_point
 from bench.system import DISTURBED_CORES, machine_description
@@ -272,6 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and the lean loop with oneDNN-packed weights (`processor/packing.py`, what the "
         "worker runs), in turn after one untimed round; ratios of the fastest batch of each.",
     ]
+    if not args.no_bare:
+        from transformers import BlipProcessor
+
+        from processor.captioner import input_size_of
+
+        image_processor = BlipProcessor.from_pretrained(str(model_dir)).image_processor
+        input_size = input_size_of(image_processor)
+        if input_size is not None:
+            progress("decoding: photo-size JPEGs, whole vs drafted to the model's input size")
+            compared = compare_decoding(image_processor, input_size, rounds=1 if args.quick else 2)
+            progress(f"decoding: drafted {compared.speedup:.1f}x faster")
+            notes.append(compared.note())
     best = best_point(points) if points else None
     if not args.no_pipeline:
         size = args.pipeline_batch_size or (best.batch_size if best else 8)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bench.__main__ import build_parser, default_batch_wait
-from bench.images import synthetic_jpegs
+from bench.images import compare_decoding, synthetic_jpegs
 from bench.model import bert_style_vocab
 from bench.stats import (
     STAGES,
@@ -278,6 +278,20 @@ def test_synthetic_jpegs() -> None:
     assert jpegs == synthetic_jpegs(3, size=(64, 48), seed=5)  # deterministic
     with Image.open(io.BytesIO(jpegs[0])) as img:
         assert (img.format, img.size) == ("JPEG", (64, 48))
+
+
+def test_compare_decoding_times_whole_and_drafted_photos(tmp_path: Path) -> None:
+    from transformers import BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(str(build_tiny_blip(tmp_path / "tiny")))
+    image_processor = processor.image_processor
+    compared = compare_decoding(image_processor, (384, 384), count=2, size=(1600, 1200), rounds=1)
+    assert (compared.images, compared.size) == (2, (1600, 1200))
+    assert compared.whole_s > 0
+    assert compared.drafted_s > 0
+    note = compared.note()
+    assert "2 JPEG photos of 1600x1200" in note
+    assert f"**{compared.speedup:.1f}x**" in note
 
 
 def test_saved_generation_config_fixes_the_caption_length(
