@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from aiokafka import AIOKafkaConsumer
 
 from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
 from captionstream.kafka import assign_whole_topic, fetch_highwaters
+from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
+from schemas.topics import TOPICS
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -160,6 +163,15 @@ class Gateway:
         wait_until(done, timeout_s, f"job {job_id} to finish")
         return body
 
+    async def statuses(
+        self, job_ids: list[str], max_connections: int = 100
+    ) -> dict[str, dict[str, object]]:
+        """The status body of each job, fetched concurrently."""
+        limits = httpx.Limits(max_connections=max_connections)
+        async with httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits) as client:
+            responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
+        return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
+
 
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[tuple[bytes, bytes]]:
     """All (key, value) records of `topic`, read from the beginning with a plain consumer."""
@@ -180,6 +192,31 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[t
         return records
     finally:
         await consumer.stop()
+
+
+async def check_one_caption_per_job(
+    bootstrap: str,
+    views: dict[str, dict[str, object]],
+    job_ids: list[str],
+    timeout_s: float = 5,
+) -> dict[str, set[str]]:
+    """Read the captions topic and check that each of `job_ids` has exactly one caption
+    (redelivered copies agree and carry the job's one event id), the one its status in
+    `views` answers. Returns the distinct captions per job id on the topic."""
+    captions: dict[str, set[str]] = defaultdict(set)
+    event_ids: dict[str, set[str]] = defaultdict(set)
+    for key, value in await read_topic(bootstrap, TOPICS.captions.name, timeout_s):
+        event = decode_caption_event(value)
+        assert isinstance(event, CaptionProduced)
+        captions[key.decode()].add(event.caption)
+        event_ids[key.decode()].add(event.event_id)
+    for job_id in job_ids:
+        assert len(captions[job_id]) == 1, f"job {job_id}: captions {captions[job_id]}"
+        assert event_ids[job_id] == {caption_event_id(job_id)}
+        result = views[job_id]["result"]
+        assert isinstance(result, dict)
+        assert result["caption"] in captions[job_id]
+    return dict(captions)
 
 
 def new_port() -> int:

@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import (
     Gateway,
     Stack,
+    check_one_caption_per_job,
     own_stack,
     read_topic,
     s3_server,
@@ -59,14 +58,8 @@ async def submit(client: httpx.AsyncClient, i: int) -> httpx.Response:
     return await client.post("/api/v1/upload", files={"file": (f"{i}.png", image(i))})
 
 
-async def statuses(gateway: Gateway, job_ids: list[str]) -> dict[str, dict[str, object]]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
-        responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
-    return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
-
-
 def finished(gateway: Gateway, job_ids: list[str]) -> int:
-    views = asyncio.run(statuses(gateway, job_ids))
+    views = asyncio.run(gateway.statuses(job_ids))
     return sum(v.get("status") in TERMINAL for v in views.values())
 
 
@@ -128,31 +121,19 @@ async def test_broker_sigkill_and_restart_loses_no_accepted_job(durable_stack: S
         f"{len(accepted)} jobs done in {all_done_s:.1f}s"
     )
 
-    views = await statuses(gateway, accepted)
+    views = await gateway.statuses(accepted)
     assert {v["status"] for v in views.values()} == {"SUCCESS"}, views
     for component in stack.components:
         assert component.alive(), f"{component.name} died:\n{component.log()[-3000:]}"
     assert worker.proc.pid == stack.components[0].proc.pid
 
     # Exactly one caption per accepted job (redelivered copies agree, same event id).
-    captions: dict[str, set[str]] = defaultdict(set)
-    event_ids: dict[str, set[str]] = defaultdict(set)
-    for key, value in await read_topic(stack.bootstrap, TOPICS.captions.name):
-        event = decode_caption_event(value)
-        assert isinstance(event, CaptionProduced)
-        captions[key.decode()].add(event.caption)
-        event_ids[key.decode()].add(event.event_id)
+    captions = await check_one_caption_per_job(stack.bootstrap, views, accepted)
     assert set(captions) == set(accepted), "captions for exactly the accepted jobs"
-    for job_id in accepted:
-        assert len(captions[job_id]) == 1, f"job {job_id} got different captions"
-        assert event_ids[job_id] == {caption_event_id(job_id)}
-        result = views[job_id]["result"]
-        assert isinstance(result, dict)
-        assert result["caption"] in captions[job_id]
 
     # A gateway started now has rebuilt its whole view before it serves.
     fresh = stack.start_gateway()
-    assert await statuses(fresh, accepted) == views
+    assert await fresh.statuses(accepted) == views
 
     # The refused submits were not half-accepted: no image event, no job state.
     images = {k.decode() for k, _ in await read_topic(stack.bootstrap, TOPICS.images.name)}

@@ -16,15 +16,19 @@ import httpx
 import pytest
 
 from schemas.events import (
-    CaptionProduced,
     JobStatus,
-    caption_event_id,
-    decode_caption_event,
     decode_job_state,
 )
 from schemas.topics import TOPICS
 from tests.conftest import make_png
-from tests.integration.stack import Gateway, Stack, own_stack, read_topic, wait_until
+from tests.integration.stack import (
+    Gateway,
+    Stack,
+    check_one_caption_per_job,
+    own_stack,
+    read_topic,
+    wait_until,
+)
 
 JOBS = 240
 
@@ -53,12 +57,6 @@ async def submit_all(gateway: Gateway, count: int) -> list[str]:
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def statuses(gateway: Gateway, job_ids: list[str]) -> dict[str, dict[str, object]]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
-        responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
-    return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
-
-
 async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> None:
     stack = two_workers
     doomed = stack.start_worker()
@@ -77,7 +75,7 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
     job_ids = await submit_all(gateway, JOBS)
 
     def finished() -> int:
-        views = asyncio.run(statuses(gateway, job_ids))
+        views = asyncio.run(gateway.statuses(job_ids))
         return sum(v["status"] in ("SUCCESS", "FAILURE") for v in views.values())
 
     # Kill one worker in the middle of a batch, once some results are out.
@@ -90,24 +88,12 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
     assert done_at_kill < JOBS, "the kill must land while jobs are still in flight"
 
     await asyncio.to_thread(wait_until, lambda: finished() == JOBS, 180, "every job to finish")
-    views = await statuses(gateway, job_ids)
+    views = await gateway.statuses(job_ids)
     assert {v["status"] for v in views.values()} == {"SUCCESS"}
     assert survivor.alive()
 
-    captions: dict[str, set[str]] = defaultdict(set)
-    event_ids: dict[str, set[str]] = defaultdict(set)
-    for key, value in await read_topic(stack.bootstrap, TOPICS.captions.name):
-        event = decode_caption_event(value)
-        assert isinstance(event, CaptionProduced)
-        captions[key.decode()].add(event.caption)
-        event_ids[key.decode()].add(event.event_id)
+    captions = await check_one_caption_per_job(stack.bootstrap, views, job_ids)
     assert set(captions) >= set(job_ids), "a caption event for every job"
-    for job_id in job_ids:
-        assert len(captions[job_id]) == 1, f"job {job_id} got different captions"
-        assert event_ids[job_id] == {caption_event_id(job_id)}
-        result = views[job_id]["result"]
-        assert isinstance(result, dict)
-        assert result["caption"] in captions[job_id]
     # The batch the dead worker had started was redone by the survivor.
     started: dict[str, int] = defaultdict(int)
     for key, value in await read_topic(stack.bootstrap, TOPICS.job_state.name):

@@ -12,7 +12,6 @@ import asyncio
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,10 +19,15 @@ import httpx
 import pytest
 
 from captionstream.broker import free_port
-from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
 from schemas.topics import TOPICS
 from tests.conftest import make_png
-from tests.integration.stack import Gateway, Stack, own_stack, read_topic, s3_server
+from tests.integration.stack import (
+    Stack,
+    check_one_caption_per_job,
+    own_stack,
+    read_topic,
+    s3_server,
+)
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(1200)]
 
@@ -70,13 +74,6 @@ class Load:
                 else:
                     assert response.status_code == 503, response.text
                     self.refused += 1
-
-
-async def statuses(gateway: Gateway, job_ids: list[str]) -> dict[str, dict[str, object]]:
-    limits = httpx.Limits(max_connections=16)
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30, limits=limits) as client:
-        responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
-    return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -145,11 +142,11 @@ def test_soak_restarts_under_steady_load(durable_stack: Stack) -> None:
     accepted = load.accepted
 
     def all_done() -> bool:
-        views = asyncio.run(statuses(gateway, accepted))
+        views = asyncio.run(gateway.statuses(accepted, max_connections=16))
         return all(v.get("status") in TERMINAL for v in views.values())
 
     drain_s = wait_for(all_done, 300, "every accepted job to finish")
-    views = asyncio.run(statuses(gateway, accepted))
+    views = asyncio.run(gateway.statuses(accepted, max_connections=16))
     print(
         "\n" + "\n".join(report) + f"\n{len(accepted)} accepted, {load.refused} refused (503), "
         f"{load.unsure} unanswered; backlog drained {drain_s:.1f}s after the load stopped"
@@ -160,19 +157,7 @@ def test_soak_restarts_under_steady_load(durable_stack: Stack) -> None:
     assert gateway.component is not None
     assert gateway.component.alive()
 
-    captions: dict[str, set[str]] = defaultdict(set)
-    event_ids: dict[str, set[str]] = defaultdict(set)
-    for key, value in asyncio.run(read_topic(stack.bootstrap, TOPICS.captions.name, 30)):
-        event = decode_caption_event(value)
-        assert isinstance(event, CaptionProduced)
-        captions[key.decode()].add(event.caption)
-        event_ids[key.decode()].add(event.event_id)
-    for job_id in accepted:
-        assert len(captions[job_id]) == 1, f"job {job_id}: captions {captions[job_id]}"
-        assert event_ids[job_id] == {caption_event_id(job_id)}
-        result = views[job_id]["result"]
-        assert isinstance(result, dict)
-        assert result["caption"] in captions[job_id]
+    asyncio.run(check_one_caption_per_job(stack.bootstrap, views, accepted, timeout_s=30))
     # A refused submission leaves no job; only unanswered ones may have become jobs.
     images = {k.decode() for k, _ in asyncio.run(read_topic(stack.bootstrap, TOPICS.images.name))}
     assert images >= set(accepted)
