@@ -17,6 +17,7 @@ from schemas.events import (
     ImageSubmitted,
     JobState,
     JobStatus,
+    caption_cache_key,
     caption_event_id,
     utcnow,
 )
@@ -73,8 +74,16 @@ async def submit_image(
     job is answered at once (state SUCCESS, `cached_from` set) and the model never runs.
     """
     image = await validate_image(data, filename, limits)
-    ref = await blobs.put(image.data, image.sha256, image.extension)
-    submitted_at = utcnow()
+    options = options or GenerationOptions()
+    hit = cache.lookup(caption_cache_key(image.sha256, options)) if cache is not None else None
+    if hit is not None and (hit.caption is None or hit.image_ref is None):
+        hit = None
+    # A hit never runs the model, so its bytes are not stored again: storing refreshes
+    # the blob's last use, and the job that made the caption would then find the blob
+    # "in use" when it expires, while no job left would ever delete it.
+    ref = hit.image_ref if hit is not None else None
+    if ref is None:
+        ref = await blobs.put(image.data, image.sha256, image.extension)
     event = ImageSubmitted(
         job_id=new_job_id(idempotency_key),
         image_ref=ref,
@@ -83,21 +92,19 @@ async def submit_image(
         width=image.width,
         height=image.height,
         sha256=image.sha256,
-        submitted_at=submitted_at,
-        options=options or GenerationOptions(),
+        submitted_at=utcnow(),
+        options=options,
         idempotency_key=idempotency_key,
         request_digest=request_digest,
         webhook_url=webhook_url,
     )
     state = JobState.submitted(event)
-    if cache is not None and state.cache_key is not None:
-        hit = cache.lookup(state.cache_key)
-        if hit is not None and hit.caption is not None:
-            state = state.advance(
-                JobStatus.SUCCESS, caption=hit.caption, model=hit.model, cached_from=hit.job_id
-            )
-            await cache.publish_hit(state, cached_caption_event(event, state))
-            return state, event
+    if hit is not None:
+        state = state.advance(
+            JobStatus.SUCCESS, caption=hit.caption, model=hit.model, cached_from=hit.job_id
+        )
+        await cache.publish_hit(state, cached_caption_event(event, state))
+        return state, event
     await publisher.publish_submission(state, event)
     return state, event
 

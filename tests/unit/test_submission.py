@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,28 @@ async def test_a_hit_answers_at_once_without_the_model(blobs: LocalBlobStore) ->
     assert caption_event.caption == "a red square"
     assert caption_event.model == "tiny-blip"
     assert caption_event.sha256 == again.sha256 == event.sha256
+
+
+async def test_a_hit_leaves_the_stored_image_alone(blobs: LocalBlobStore) -> None:
+    """Storing it again would mark the blob "in use", and the expiry of the job that made
+    the caption would then keep it forever (no job left to delete it)."""
+    publisher, cache = RecordingPublisher(), DictCache()
+    first, _ = await submit_image(
+        make_png(), "a.png", limits=ImageLimits(), blobs=blobs, publisher=publisher
+    )
+    assert first.cache_key is not None and first.image_ref is not None
+    cache.states[first.cache_key] = first.advance(JobStatus.SUCCESS, caption="x", model="m")
+    stored = blobs.path_of(first.image_ref)
+    os.utime(stored, (1_000_000, 1_000_000))  # last used long ago
+
+    state, _ = await submit_image(
+        make_png(), "b.png", limits=ImageLimits(), blobs=blobs, publisher=publisher, cache=cache
+    )
+
+    assert state.cached_from == first.job_id
+    assert state.image_ref == first.image_ref
+    assert stored.stat().st_mtime == 1_000_000
+    assert blobs.delete_if_idle_sync(first.image_ref, idle_s=60)
 
 
 async def test_other_options_are_a_miss(blobs: LocalBlobStore) -> None:
