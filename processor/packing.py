@@ -11,12 +11,15 @@ Measured on the 2-core EPYC (AVX512-BF16), bf16, one call: 8x768 @ 768x768 70 ->
 8x768 @ 768x30524 (the LM head) 1.7 -> 1.0 ms, and 10-25% on the vision encoder's
 4616-row products.
 
-Only CPU bf16 weights are packed, only where `torch.ops.mkldnn` has the ops; anything
-else (CUDA, fp32, fp16, a torch without them) keeps plain `nn.Linear`.
+Only CPU bf16 weights are packed, only where `torch.ops.mkldnn` has the ops and this CPU
+runs them (oneDNN's bf16 reorder needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT); anything
+else (CUDA, fp32, fp16, bf16 forced on an AVX2 CPU, a torch without the ops) keeps
+plain `nn.Linear`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -40,6 +43,30 @@ def _ops_available() -> bool:
         return False
 
 
+def _reorder(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    mkldnn: Any = torch.ops.mkldnn
+    packed: torch.Tensor = mkldnn._reorder_linear_weight(weight, batch_hint)
+    return packed
+
+
+@functools.cache
+def packing_supported() -> bool:
+    """Whether bf16 weights can be packed here: the ops exist and this CPU runs them.
+
+    On an AVX2-only CPU the reorder raises; a worker told to run bf16 there must still
+    start (with plain weights), not crash while loading the model.
+    """
+    if not _ops_available():
+        return False
+    try:
+        with torch.inference_mode():
+            _reorder(torch.zeros(8, 8, dtype=torch.bfloat16), _BATCH_HINT)
+    except RuntimeError as exc:
+        log.info("bf16 weights stay unpacked: oneDNN cannot pack them on this CPU (%s)", exc)
+        return False
+    return True
+
+
 class PackedLinear(torch.nn.Module):
     """`nn.Linear` with the weight packed once (the plain weight is let go: no extra
     memory). A strided input, where oneDNN's result can differ from `nn.Linear`'s,
@@ -54,7 +81,7 @@ class PackedLinear(torch.nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
+        self.register_buffer("packed", _reorder(weight, batch_hint))
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +98,7 @@ class PackedLinear(torch.nn.Module):
 def prepack_linears(model: torch.nn.Module) -> int:
     """Replace the model's CPU bf16 `nn.Linear` layers by `PackedLinear`s that give the
     same results (checked on a probe input per layer); returns how many were replaced."""
-    if not _ops_available():
+    if not packing_supported():
         return 0
     replaced = 0
     generator = torch.Generator().manual_seed(0)

@@ -12,11 +12,15 @@ from PIL import Image
 
 from processor.captioner import BlipCaptioner
 from processor.greedy import lean_greedy
-from processor.packing import PackedLinear, _ops_available, prepack_linears
+from processor import packing
+from processor.packing import PackedLinear, packing_supported, prepack_linears
 from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
 
-needs_ops = pytest.mark.skipif(not _ops_available(), reason="torch without oneDNN linear ops")
+needs_ops = pytest.mark.skipif(
+    not packing_supported(),
+    reason="oneDNN cannot pack bf16 weights here (no ops, or a CPU without AVX-512)",
+)
 
 
 def net(dtype: torch.dtype) -> torch.nn.Module:
@@ -49,8 +53,19 @@ def test_other_dtypes_are_left_alone() -> None:
 
 
 def test_nothing_is_packed_without_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("processor.packing._ops_available", lambda: False)
+    monkeypatch.setattr("processor.packing.packing_supported", lambda: False)
     assert prepack_linears(net(torch.bfloat16)) == 0
+
+
+def test_a_cpu_that_cannot_pack_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What oneDNN raises on an AVX2 CPU: packing is off, it does not crash the load."""
+
+    def refuse(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+
+    monkeypatch.setattr(packing, "_ops_available", lambda: True)
+    monkeypatch.setattr(packing, "_reorder", refuse)
+    assert packing.packing_supported.__wrapped__() is False
 
 
 @pytest.fixture(scope="module")
