@@ -99,7 +99,7 @@ async def submit_image(
         webhook_url=webhook_url,
     )
     state = JobState.submitted(event)
-    if hit is not None:
+    if cache is not None and hit is not None:
         state = state.advance(
             JobStatus.SUCCESS, caption=hit.caption, model=hit.model, cached_from=hit.job_id
         )

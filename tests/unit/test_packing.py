@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from processor import packing
 from processor.captioner import BlipCaptioner
 from processor.greedy import lean_greedy
-from processor import packing
 from processor.packing import PackedLinear, packing_supported, prepack_linears
 from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions

@@ -94,7 +94,8 @@ async def test_a_hit_leaves_the_stored_image_alone(blobs: LocalBlobStore) -> Non
     first, _ = await submit_image(
         make_png(), "a.png", limits=ImageLimits(), blobs=blobs, publisher=publisher
     )
-    assert first.cache_key is not None and first.image_ref is not None
+    assert first.cache_key is not None
+    assert first.image_ref is not None
     cache.states[first.cache_key] = first.advance(JobStatus.SUCCESS, caption="x", model="m")
     stored = blobs.path_of(first.image_ref)
     os.utime(stored, (1_000_000, 1_000_000))  # last used long ago
