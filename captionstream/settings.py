@@ -314,6 +314,11 @@ class ProcessorSettings(CommonSettings):
         description="On CPU in bf16, pack linear-layer weights for oneDNN once at load "
         "instead of on every call (same results, faster small products).",
     )
+    vision_attention: str = Field(
+        default="auto",
+        description="BLIP's vision-encoder attention: `sdpa` (fused kernel), `eager` (HF's "
+        "own), or `auto`: sdpa except on CPU in bf16, where it measured slower.",
+    )
 
 
 class BulkIngestSettings(IngestSettings):

@@ -155,11 +155,18 @@ class BlipCaptioner:
         defaults: GenerationDefaults | None = None,
         lean_decoder: bool = True,
         prepack_weights: bool = True,
+        vision_attention: str = "auto",
     ) -> BlipCaptioner:
         """Load `model` onto `device` in `precision` (see `processor.precision`);
-        `prepack_weights`: see `processor.packing` (CPU bf16 only)."""
+        `prepack_weights`: see `processor.packing` (CPU bf16 only); `vision_attention`:
+        see `processor.attention`."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        from processor.attention import (
+            VisionAttention,
+            resolve_vision_attention,
+            use_sdpa_vision_attention,
+        )
         from processor.packing import prepack_linears
 
         device = select_device(device)
@@ -169,6 +176,7 @@ class BlipCaptioner:
             device,
             cpu_has_bf16=device.startswith("cpu") and cpu_has_native_bf16(),
         )
+        attention = resolve_vision_attention(vision_attention, device, chosen.dtype)
         source = resolve_model_source(model, data_dir)
         try:
             processor = BlipProcessor.from_pretrained(source)
@@ -181,6 +189,7 @@ class BlipCaptioner:
                 f"or to {TINY_BLIP!r} for a tiny random test model.",
             ) from exc
         net.to(device).eval()
+        fused = use_sdpa_vision_attention(net) if attention is VisionAttention.SDPA else 0
         packed = prepack_linears(net) if prepack_weights else 0
         # BLIP's generate() runs its text decoder, whose generation config is built from
         # the text config and ignores the model's saved generation_config.json: hand that
@@ -191,7 +200,7 @@ class BlipCaptioner:
             decoder.generation_config = net.generation_config
         log.info(
             "loaded model %s on %s in %s (%s; CAPTIONSTREAM_PRECISION=%s); greedy decoding: "
-            "%s; %d linear layers with pre-packed weights",
+            "%s; %d linear layers with pre-packed weights; vision attention: %s (%d layers fused)",
             model,
             device,
             chosen.value,
@@ -199,6 +208,8 @@ class BlipCaptioner:
             precision,
             "lean loop" if lean_decoder and lean_greedy_supported(net, 1) else "generate()",
             packed,
+            attention.value,
+            fused,
         )
         return cls(
             net,

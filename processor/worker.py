@@ -68,6 +68,7 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
             defaults=GenerationDefaults(settings.max_new_tokens, settings.num_beams),
             lean_decoder=settings.lean_decoder,
             prepack_weights=settings.prepack_weights,
+            vision_attention=settings.vision_attention,
         )
     if settings.captioner == "hf-image-to-text":
         return HFImageToTextCaptioner.load(
