@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder-rounds",
         type=int,
         default=None,
-        help="greedy decoding variants (generate() vs the lean loop, plain vs packed "
-        "weights): timed batches of each, alternating, at the reduced precision and batch "
-        "sizes >= 8 (default 2; --quick 1; 0 skips it)",
+        help="captioning variants (HF's generate() and eager attention, then the lean loop, "
+        "packed weights and fused vision attention added in turn): timed batches of each, "
+        "alternating, at the reduced precision and batch sizes >= 8 (default 2; --quick 1; "
+        "0 skips it)",
     )
     p.add_argument(
         "--output",
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if decoder_rounds > 0 and not args.no_bare:
         reduced = resolved("auto")
         sizes = [b for b in batch_sizes if b >= 8] or [max(batch_sizes)]
-        progress(f"decoding variants: {reduced}, batch sizes {sizes}")
+        progress(f"captioning variants: {reduced}, batch sizes {sizes}")
         decoders = bare.compare_decoders(
             model_dir,
             precision=reduced,
@@ -265,12 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"every caption exactly {args.new_tokens} tokens. Speed does not depend on the "
         "weights' values. Images: synthetic 640x480 JPEGs.",
         "Bare: `BlipCaptioner.caption` in one process (preprocessing + vision encoder + "
-        "greedy decoding + text decode, as the worker does it: lean loop, packed weights), "
-        "one warm-up batch per batch size, then the timed batches.",
-        "Greedy decoding variants: the same batch captioned by `caption()` with HF "
-        "`generate()` and plain weights (before), the lean loop (`processor/greedy.py`), "
-        "and the lean loop with oneDNN-packed weights (`processor/packing.py`, what the "
-        "worker runs), in turn after one untimed round; ratios of the fastest batch of each.",
+        "greedy decoding + text decode, as the worker does it: lean loop, packed weights "
+        "on CPU bf16, fused vision attention except on CPU bf16), one warm-up batch per "
+        "batch size, then the timed batches.",
+        "Captioning variants: the same batch captioned by `caption()` as HF ships BLIP "
+        "(`generate()`, plain weights, eager attention), then with the worker's changes "
+        "added one at a time: the lean loop (`processor/greedy.py`), oneDNN-packed weights "
+        "(`processor/packing.py`, CPU bf16 only) and fused vision attention "
+        "(`processor/attention.py`); the last row is what the worker runs here. In turn, "
+        "after one untimed round; ratios of the fastest batch of each.",
     ]
     if not args.no_bare:
         from transformers import BlipProcessor

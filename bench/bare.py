@@ -11,6 +11,7 @@ import gc
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,12 +140,41 @@ def _timed(
     )
 
 
-# How the worker captions (first) against what it replaced: variant -> (lean loop, packed).
-DECODER_VARIANTS = {
-    "generate(), plain weights": (False, False),
-    "lean loop, plain weights": (True, False),
-    "lean loop, packed weights (the worker)": (True, True),
-}
+@dataclass(frozen=True)
+class Variant:
+    """One way of running `caption()`: the decoding loop, weights and vision attention."""
+
+    name: str
+    lean: bool
+    prepack: bool
+    attention: str  # "eager" | "sdpa"
+
+
+def captioning_variants(device: str, precision: str) -> list[Variant]:
+    """HF's own way first, then the worker's changes added one at a time; the last is what
+    the worker runs here. A change that does nothing on this device and precision (packing
+    outside CPU bf16, fused attention where `auto` keeps eager) is left out."""
+    import torch
+
+    from processor.attention import VisionAttention, resolve_vision_attention
+    from processor.packing import packing_supported
+    from processor.precision import Precision
+
+    dtype = Precision(precision).dtype
+    packs = device.startswith("cpu") and dtype == torch.bfloat16 and packing_supported()
+    fused = resolve_vision_attention("auto", device, dtype) is VisionAttention.SDPA
+    variants = [Variant("generate(), plain weights, eager attention", False, False, "eager")]
+    parts = ["lean loop"]
+    variants.append(Variant(", ".join(parts), True, False, "eager"))
+    if packs:
+        parts.append("packed weights")
+        variants.append(Variant(", ".join(parts), True, True, "eager"))
+    if fused:
+        parts.append("fused vision attention")
+        variants.append(Variant(", ".join(parts), True, packs, "sdpa"))
+    worker = variants[-1]
+    variants[-1] = Variant(worker.name + " (the worker)", True, worker.prepack, worker.attention)
+    return variants
 
 
 def compare_decoders(
@@ -158,10 +188,11 @@ def compare_decoders(
     new_tokens: int,
     progress: Progress,
 ) -> list[DecoderComparison]:
-    """`caption()` of one batch by each of `DECODER_VARIANTS` in turn, `rounds` times
+    """`caption()` of one batch by each of `captioning_variants` in turn, `rounds` times
     each per batch size (after one untimed round)."""
+    variants = captioning_variants(device, precision)
 
-    def load(prepack: bool) -> BlipCaptioner:
+    def load(prepack: bool, attention: str) -> BlipCaptioner:
         return BlipCaptioner.load(
             str(model_dir),
             data_dir=model_dir.parent,
@@ -169,24 +200,25 @@ def compare_decoders(
             precision=precision,
             defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
             prepack_weights=prepack,
+            vision_attention=attention,
         )
 
-    captioners = {False: load(False), True: load(True)}
+    captioners = {(v.prepack, v.attention): load(v.prepack, v.attention) for v in variants}
     pool = itertools.cycle(images)
     found: list[DecoderComparison] = []
     for size in batch_sizes:
         batch = [next(pool) for _ in range(size)]
         options = [GenerationOptions()] * size
-        times: dict[str, list[float]] = {name: [] for name in DECODER_VARIANTS}
+        times: dict[str, list[float]] = {v.name: [] for v in variants}
         captions: set[tuple[str, ...]] = set()
         for i in range(rounds + 1):
-            for name, (lean, packed) in DECODER_VARIANTS.items():
-                captioner = captioners[packed]
-                captioner.lean_decoder = lean
+            for variant in variants:
+                captioner = captioners[variant.prepack, variant.attention]
+                captioner.lean_decoder = variant.lean
                 t0 = time.perf_counter()
                 captions.add(tuple(captioner.caption(batch, options)))
                 if i:  # the first round warms every variant up
-                    times[name].append(time.perf_counter() - t0)
+                    times[variant.name].append(time.perf_counter() - t0)
         comparison = DecoderComparison(
             precision,
             size,

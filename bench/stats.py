@@ -455,7 +455,7 @@ class Report:
             lines += ["", "## Bare model (in-process `BlipCaptioner.caption`, no Kafka)", ""]
             lines += bare_table(self.points)
         if self.decoders:
-            lines += ["", "## Greedy decoding variants (whole `caption()`, alternating)", ""]
+            lines += ["", "## Captioning variants (whole `caption()`, alternating)", ""]
             lines += decoder_table(self.decoders)
         if self.pipeline is not None:
             best = best_point(self.points) if self.points else None

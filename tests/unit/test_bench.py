@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from bench.__main__ import build_parser, default_batch_wait
+from bench.bare import Variant, captioning_variants
 from bench.images import compare_decoding, synthetic_jpegs
 from bench.model import bert_style_vocab
 from bench.stats import (
@@ -186,7 +187,7 @@ def test_decoder_comparison_section() -> None:
     assert same.speedup("lean loop") == pytest.approx(1.25)  # fastest of each: 2.0 / 1.6
     differs = DecoderComparison("bf16", 16, {"generate()": (4.0,), "lean": (4.0,)}, False)
     text = Report("b", {}, {}, points(), None, decoders=[same, differs]).markdown()
-    assert "## Greedy decoding variants" in text
+    assert "## Captioning variants" in text
     assert "| bf16 | 8 | generate() | 2 | 2.00 | 4.00 | **1.00x** | yes |" in text
     assert "| bf16 | 8 | lean loop | 2 | 1.60 | 5.00 | **1.25x** | yes |" in text
     assert "| bf16 | 16 | lean | 1 | 4.00 | 4.00 | **1.00x** | **NO** |" in text
@@ -381,3 +382,37 @@ def test_stages_in_the_report() -> None:
     text = Report("b", {}, {}, [], run).markdown()
     assert "| worker, per batch (median) | s | share |" in text
     assert "| a | 0.750 | 75% |" in text
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "can_pack", "expected"),
+    [
+        (
+            "cpu",
+            "fp32",
+            True,
+            ["lean loop", "lean loop, fused vision attention (the worker)"],
+        ),
+        ("cpu", "bf16", True, ["lean loop", "lean loop, packed weights (the worker)"]),
+        ("cpu", "bf16", False, ["lean loop (the worker)"]),
+        ("cuda", "fp16", True, ["lean loop", "lean loop, fused vision attention (the worker)"]),
+    ],
+)
+def test_captioning_variants_end_with_what_the_worker_runs(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    precision: str,
+    can_pack: bool,
+    expected: list[str],
+) -> None:
+
+    monkeypatch.setattr("processor.packing.packing_supported", lambda: can_pack)
+    variants = captioning_variants(device, precision)
+    assert variants[0] == Variant(
+        "generate(), plain weights, eager attention", False, False, "eager"
+    )
+    assert [v.name for v in variants[1:]] == expected
+    worker = variants[-1]
+    assert worker.lean
+    assert worker.prepack is (device == "cpu" and precision == "bf16" and can_pack)
+    assert worker.attention == ("eager" if (device, precision) == ("cpu", "bf16") else "sdpa")
