@@ -161,7 +161,11 @@ def captioning_variants(device: str, precision: str) -> list[Variant]:
     from processor.precision import Precision
 
     dtype = Precision(precision).dtype
-    packs = device.startswith("cpu") and dtype == torch.bfloat16 and packing_supported()
+    packs = (
+        device.startswith("cpu")
+        and dtype in (torch.bfloat16, torch.float32)
+        and packing_supported(dtype)
+    )
     fused = resolve_vision_attention("auto", device, dtype) is VisionAttention.SDPA
     variants = [Variant("generate(), plain weights, eager attention", False, False, "eager")]
     parts = ["lean loop"]

@@ -159,12 +159,17 @@ def machine_description(device: str) -> dict[str, str]:
     }
     if device.startswith("cuda"):
         description["GPU"] = torch.cuda.get_device_name(device)
+    # What decides the speeds here: the vector width, and bf16 in hardware or not.
     flags = [
         name
         for name, present in _cpu_capabilities().items()
-        if present is True and ("bf16" in name or "amx" in name or name == "avx512_f")
+        if present is True
+        and ("bf16" in name or "amx" in name or name in ("avx2", "fma3", "avx512_f"))
     ]
-    description["CPU features"] = ", ".join(sorted(flags)) or "unknown"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    description["CPU features"] = (
+        ", ".join(sorted(flags)) or "unknown"
+    ) + f" (torch kernels: {kernels})"
     description["software"] = (
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}"

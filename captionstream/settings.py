@@ -311,8 +311,9 @@ class ProcessorSettings(CommonSettings):
     )
     prepack_weights: bool = Field(
         default=True,
-        description="On CPU in bf16, pack linear-layer weights for oneDNN once at load "
-        "instead of on every call (same results, faster small products).",
+        description="On CPU, pack linear-layer weights for oneDNN once at load: in bf16 all "
+        "of them (same results, bit for bit), in fp32 the text decoder's per-token layers "
+        "(same to rounding). Faster small products.",
     )
     vision_attention: str = Field(
         default="auto",

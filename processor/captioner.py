@@ -158,8 +158,8 @@ class BlipCaptioner:
         vision_attention: str = "auto",
     ) -> BlipCaptioner:
         """Load `model` onto `device` in `precision` (see `processor.precision`);
-        `prepack_weights`: see `processor.packing` (CPU bf16 only); `vision_attention`:
-        see `processor.attention`."""
+        `prepack_weights`: see `processor.packing` (CPU: bf16, and fp32 decoding);
+        `vision_attention`: see `processor.attention`."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         from processor.attention import (

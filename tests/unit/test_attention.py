@@ -57,6 +57,7 @@ def captioners(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BlipCaptio
                 device="cpu",
                 precision="fp32",
                 vision_attention=attention,
+                prepack_weights=False,  # packed weights cannot be deep-copied
             )
             for attention in ("eager", "sdpa")
         }

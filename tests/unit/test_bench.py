@@ -391,8 +391,13 @@ def test_stages_in_the_report() -> None:
             "cpu",
             "fp32",
             True,
-            ["lean loop", "lean loop, fused vision attention (the worker)"],
+            [
+                "lean loop",
+                "lean loop, packed weights",
+                "lean loop, packed weights, fused vision attention (the worker)",
+            ],
         ),
+        ("cpu", "fp32", False, ["lean loop", "lean loop, fused vision attention (the worker)"]),
         ("cpu", "bf16", True, ["lean loop", "lean loop, packed weights (the worker)"]),
         ("cpu", "bf16", False, ["lean loop (the worker)"]),
         ("cuda", "fp16", True, ["lean loop", "lean loop, fused vision attention (the worker)"]),
@@ -406,7 +411,7 @@ def test_captioning_variants_end_with_what_the_worker_runs(
     expected: list[str],
 ) -> None:
 
-    monkeypatch.setattr("processor.packing.packing_supported", lambda: can_pack)
+    monkeypatch.setattr("processor.packing.packing_supported", lambda *_: can_pack)
     variants = captioning_variants(device, precision)
     assert variants[0] == Variant(
         "generate(), plain weights, eager attention", False, False, "eager"
@@ -414,5 +419,6 @@ def test_captioning_variants_end_with_what_the_worker_runs(
     assert [v.name for v in variants[1:]] == expected
     worker = variants[-1]
     assert worker.lean
-    assert worker.prepack is (device == "cpu" and precision == "bf16" and can_pack)
+    assert worker.prepack is (device == "cpu" and can_pack)
+    assert worker.prepack is any("packed weights" in v.name for v in variants)
     assert worker.attention == ("eager" if (device, precision) == ("cpu", "bf16") else "sdpa")

@@ -53,7 +53,7 @@ def test_other_dtypes_are_left_alone() -> None:
 
 
 def test_nothing_is_packed_without_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("processor.packing.packing_supported", lambda: False)
+    monkeypatch.setattr("processor.packing.packing_supported", lambda *_: False)
     assert prepack_linears(net(torch.bfloat16)) == 0
 
 
@@ -128,3 +128,64 @@ def test_worker_settings_reach_the_captioner(
     worker.load_captioner(ProcessorSettings(data_dir=tmp_path))
     assert seen["lean_decoder"] is True
     assert seen["prepack_weights"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "dtype", "expected"),
+    [
+        ("vision_model.encoder.layers.0.mlp.fc1", torch.bfloat16, True),
+        ("text_decoder.cls.predictions.decoder", torch.bfloat16, True),
+        ("text_decoder.cls.predictions.decoder", torch.float32, False),  # the LM head
+        ("text_decoder.bert.encoder.layer.3.attention.self.query", torch.float32, False),
+        ("text_decoder.bert.encoder.layer.3.crossattention.self.query", torch.float32, False),
+        ("text_decoder.bert.encoder.layer.3.crossattention.self.key", torch.float32, None),
+        ("text_decoder.bert.encoder.layer.3.crossattention.self.value", torch.float32, None),
+        ("vision_model.encoder.layers.0.mlp.fc1", torch.float32, None),
+        ("text_decoder.cls.predictions.decoder", torch.float16, None),
+    ],
+)
+def test_which_layers_are_packed(
+    monkeypatch: pytest.MonkeyPatch, path: str, dtype: torch.dtype, expected: bool | None
+) -> None:
+    """bf16: every layer, bit for bit. fp32: only products of a few rows (one token per
+    caption), where oneDNN beats MKL; the same to rounding."""
+    monkeypatch.setattr(packing, "packing_supported", lambda *_: True)
+    assert packing._packing_rule(path, torch.empty(2, 2, dtype=dtype)) is expected
+
+
+@pytest.mark.skipif(
+    not packing_supported(torch.float32), reason="oneDNN cannot pack fp32 weights here"
+)
+def test_fp32_blip_packs_its_decoder_and_keeps_its_captions(tmp_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        plain, packed = (
+            BlipCaptioner.load(
+                TINY_BLIP, data_dir=tmp_path, device="cpu", precision="fp32", prepack_weights=p
+            )
+            for p in (False, True)
+        )
+    model: Any = packed.model
+    packed_paths = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert "text_decoder.cls.predictions.decoder" in packed_paths
+    assert all(p.startswith("text_decoder.") for p in packed_paths)
+    assert not any(
+        p.endswith(("crossattention.self.key", "crossattention.self.value")) for p in packed_paths
+    )
+    images = [Image.new("RGB", (40 + 9 * i, 30), c) for i, c in enumerate(["red", "blue", "gray"])]
+    for prompt in (None, "a picture of"):
+        inputs = plain.processor(
+            images=images, text=[prompt] * 3 if prompt else None, return_tensors="pt"
+        )
+        ids = inputs.get("input_ids")
+        with torch.inference_mode():
+            expected = plain.model.generate(
+                pixel_values=inputs["pixel_values"],
+                input_ids=None if ids is None else ids.clone(),
+                attention_mask=inputs.get("attention_mask"),
+                max_new_tokens=12,
+            )
+            assert torch.equal(lean_greedy(model, inputs["pixel_values"], ids, 12), expected)
+    options = [GenerationOptions(max_new_tokens=12), GenerationOptions(num_beams=2)]
+    assert packed.caption(images[:2], options) == plain.caption(images[:2], options)
