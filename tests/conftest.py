@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
 
+if TYPE_CHECKING:
+    from processor.captioner import BlipCaptioner
+
 # Never reach for a model hub from tests (also inherited by spawned processes).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load_tiny_blip(data_dir: Path, **options: Any) -> BlipCaptioner:
+    """The tiny random BLIP on the CPU, loaded offline (huggingface_hub reads
+    HF_HUB_OFFLINE once, at import, so the running process is told too)."""
+    import huggingface_hub.constants
+
+    from processor.captioner import BlipCaptioner
+    from processor.tiny_blip import TINY_BLIP
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return BlipCaptioner.load(TINY_BLIP, data_dir=data_dir, device="cpu", **options)
 
 
 def make_png(

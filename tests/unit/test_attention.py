@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
@@ -18,8 +17,8 @@ from processor.attention import (
     use_sdpa_vision_attention,
 )
 from processor.captioner import BlipCaptioner
-from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
+from tests.conftest import load_tiny_blip
 
 
 @pytest.mark.parametrize(
@@ -47,20 +46,15 @@ def test_a_bad_setting_names_the_choices() -> None:
 @pytest.fixture(scope="module")
 def captioners(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BlipCaptioner]:
     data = tmp_path_factory.getbasetemp() / "attention-data"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return {
-            attention: BlipCaptioner.load(
-                TINY_BLIP,
-                data_dir=data,
-                device="cpu",
-                precision="fp32",
-                vision_attention=attention,
-                prepack_weights=False,  # packed weights cannot be deep-copied
-            )
-            for attention in ("eager", "sdpa")
-        }
+    return {
+        attention: load_tiny_blip(
+            data,
+            precision="fp32",
+            vision_attention=attention,
+            prepack_weights=False,  # packed weights cannot be deep-copied
+        )
+        for attention in ("eager", "sdpa")
+    }
 
 
 def images() -> list[Image.Image]:

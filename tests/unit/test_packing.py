@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
@@ -14,8 +13,8 @@ from processor import packing
 from processor.captioner import BlipCaptioner
 from processor.greedy import lean_greedy
 from processor.packing import PackedLinear, packing_supported, prepack_linears
-from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
+from tests.conftest import load_tiny_blip
 
 needs_ops = pytest.mark.skipif(
     not packing_supported(),
@@ -71,15 +70,10 @@ def test_a_cpu_that_cannot_pack_is_detected(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture(scope="module")
 def captioners(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, BlipCaptioner]:
     data = tmp_path_factory.getbasetemp() / "packing-data"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return {
-            packed: BlipCaptioner.load(
-                TINY_BLIP, data_dir=data, device="cpu", precision="bf16", prepack_weights=packed
-            )
-            for packed in (False, True)
-        }
+    return {
+        packed: load_tiny_blip(data, precision="bf16", prepack_weights=packed)
+        for packed in (False, True)
+    }
 
 
 @needs_ops
@@ -157,15 +151,9 @@ def test_which_layers_are_packed(
     not packing_supported(torch.float32), reason="oneDNN cannot pack fp32 weights here"
 )
 def test_fp32_blip_packs_its_decoder_and_keeps_its_captions(tmp_path: Path) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        plain, packed = (
-            BlipCaptioner.load(
-                TINY_BLIP, data_dir=tmp_path, device="cpu", precision="fp32", prepack_weights=p
-            )
-            for p in (False, True)
-        )
+    plain, packed = (
+        load_tiny_blip(tmp_path, precision="fp32", prepack_weights=p) for p in (False, True)
+    )
     model: Any = packed.model
     packed_paths = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert "text_decoder.cls.predictions.decoder" in packed_paths
