@@ -267,12 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights' values. Images: synthetic 640x480 JPEGs.",
         "Bare: `BlipCaptioner.caption` in one process (preprocessing + vision encoder + "
         "greedy decoding + text decode, as the worker does it: lean loop, packed weights "
-        "on CPU bf16, fused vision attention except on CPU bf16), one warm-up batch per "
+        "on CPU (bf16: all, fp32: the text decoder's), fused vision attention except on CPU "
+        "bf16), one warm-up batch per "
         "batch size, then the timed batches.",
         "Captioning variants: the same batch captioned by `caption()` as HF ships BLIP "
         "(`generate()`, plain weights, eager attention), then with the worker's changes "
         "added one at a time: the lean loop (`processor/greedy.py`), oneDNN-packed weights "
-        "(`processor/packing.py`, CPU bf16 only) and fused vision attention "
+        "(`processor/packing.py`, CPU only) and fused vision attention "
         "(`processor/attention.py`); the last row is what the worker runs here. In turn, "
         "after one untimed round; ratios of the fastest batch of each.",
     ]

@@ -153,19 +153,14 @@ class Variant:
 def captioning_variants(device: str, precision: str) -> list[Variant]:
     """HF's own way first, then the worker's changes added one at a time; the last is what
     the worker runs here. A change that does nothing on this device and precision (packing
-    outside CPU bf16, fused attention where `auto` keeps eager) is left out."""
-    import torch
-
+    off the CPU or where oneDNN cannot, fused attention where `auto` keeps eager) is left
+    out."""
     from processor.attention import VisionAttention, resolve_vision_attention
-    from processor.packing import packing_supported
+    from processor.packing import packing_applies
     from processor.precision import Precision
 
     dtype = Precision(precision).dtype
-    packs = (
-        device.startswith("cpu")
-        and dtype in (torch.bfloat16, torch.float32)
-        and packing_supported(dtype)
-    )
+    packs = packing_applies(device, dtype)
     fused = resolve_vision_attention("auto", device, dtype) is VisionAttention.SDPA
     variants = [Variant("generate(), plain weights, eager attention", False, False, "eager")]
     parts = ["lean loop"]

@@ -78,17 +78,24 @@ def packing_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
 _FP32_SKIPPED = ("crossattention.self.key", "crossattention.self.value")
 
 
+def packing_applies(device: str, dtype: torch.dtype) -> bool:
+    """Whether `prepack_linears` packs anything of a model on `device` in `dtype`."""
+    return (
+        device.startswith("cpu")
+        and dtype in (torch.bfloat16, torch.float32)
+        and packing_supported(dtype)
+    )
+
+
 def _packing_rule(path: str, weight: torch.Tensor) -> bool | None:
     """None: leave the layer alone; True: pack, the same bits; False: pack, the same to
     rounding (fp32, another summation order)."""
-    if weight.device.type != "cpu":
+    if not packing_applies(weight.device.type, weight.dtype):
         return None
     if weight.dtype == torch.bfloat16:
-        return True if packing_supported(torch.bfloat16) else None
-    if weight.dtype == torch.float32:
-        per_token = path.startswith("text_decoder.") and not path.endswith(_FP32_SKIPPED)
-        return False if per_token and packing_supported(torch.float32) else None
-    return None
+        return True
+    per_token = path.startswith("text_decoder.") and not path.endswith(_FP32_SKIPPED)
+    return False if per_token else None
 
 
 class PackedLinear(torch.nn.Module):
