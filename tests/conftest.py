@@ -17,17 +17,21 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def load_tiny_blip(data_dir: Path, **options: Any) -> BlipCaptioner:
-    """The tiny random BLIP on the CPU, loaded offline (huggingface_hub reads
-    HF_HUB_OFFLINE once, at import, so the running process is told too)."""
+def go_offline(mp: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: make the running process agree.
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def load_tiny_blip(data_dir: Path, **options: Any) -> BlipCaptioner:
+    """The tiny random BLIP on the CPU, loaded offline."""
     from processor.captioner import BlipCaptioner
     from processor.tiny_blip import TINY_BLIP
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        go_offline(mp)
         return BlipCaptioner.load(TINY_BLIP, data_dir=data_dir, device="cpu", **options)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 from PIL import Image
 
@@ -18,12 +17,7 @@ from processor.captioner import (
 )
 from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
-
-
-def go_offline(mp: pytest.MonkeyPatch) -> None:
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable once, at import: make the running process agree.
-    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+from tests.conftest import go_offline
 
 
 @pytest.fixture(scope="module")
