@@ -11,7 +11,6 @@ import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from captionstream.kafka import tuning_for
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.captioner import Captioner
+from processor.inference import InferenceThread
 from processor.observability import ProcessorMetrics
 from processor.pipeline import (
     CaptionOutcome,
@@ -175,8 +175,14 @@ class ProcessorApp:
 
 
 def create_app(
-    settings: ProcessorSettings, captioner: Captioner, blobs: LocalBlobStore, datadir: Path
+    settings: ProcessorSettings,
+    captioner: Captioner,
+    blobs: LocalBlobStore,
+    datadir: Path,
+    inference: InferenceThread,
 ) -> ProcessorApp:
+    """Wire the worker's Faust app. `inference` is the thread the captioner was loaded
+    on; every batch runs there too (see processor.inference for why it must be one)."""
     tuning = tuning_for(settings.profile)
     app = faust.App(
         settings.group_id,
@@ -241,9 +247,6 @@ def create_app(
         options=ROCKSDB_OPTIONS,
     )
     control = raw_topic(TOPICS.control.name)
-    # One inference thread per worker: the model is not re-entrant, and one batch at a
-    # time on all cores beats two batches fighting over them.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     caption = functools.partial(
         caption_batch,
         read_blob=blobs.get_sync,
@@ -254,7 +257,7 @@ def create_app(
     async def run_captioning(batch: list[ImageSubmitted]) -> list[CaptionOutcome]:
         metrics.batch_size.observe(len(batch))
         with metrics.inference_seconds.time():
-            return await asyncio.get_running_loop().run_in_executor(executor, caption, batch)
+            return await inference.run(caption, batch)
 
     @app.agent(images)
     async def caption_images(stream: Any) -> None:

@@ -22,6 +22,7 @@ from processor.allocator import tune_malloc
 from processor.app import create_app
 from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
 from processor.hf_captioner import HFImageToTextCaptioner
+from processor.inference import InferenceThread
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,19 @@ def run_worker(settings: ProcessorSettings) -> None:
     # Before torch and the inference thread allocate: the arena limit only applies to
     # arenas created after it.
     tune_malloc(settings.malloc_tuning, keep_bytes=settings.malloc_keep_bytes)
-    configure_torch_threads(settings.torch_threads)
+    # Every torch call from here on runs on the one inference thread (processor.inference).
+    inference = InferenceThread()
+    inference.call(configure_torch_threads, settings.torch_threads)
     allow_pixels(settings.max_pixels)
     # The model loads before the worker joins the group: a worker never holds partitions
     # it cannot serve, and a bad model setting fails at once.
-    captioner = load_captioner(settings)
+    captioner = inference.call(load_captioner, settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
     blobs = LocalBlobStore(settings.blob_dir)
-    processor = create_app(settings, captioner, blobs, datadir)
+    processor = create_app(settings, captioner, blobs, datadir, inference)
     worker = faust.Worker(
         processor.app,
         loop=loop,

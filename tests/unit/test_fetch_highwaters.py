@@ -18,6 +18,7 @@ from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.app import create_app
+from processor.inference import InferenceThread
 from processor.tansu import FetchHighwaterConsumerThread, FetchHighwaterTransport
 
 
@@ -60,6 +61,10 @@ def test_worker_transport_follows_the_profile(
     monkeypatch.setenv("CAPTIONSTREAM_KAFKA_PROFILE", profile)
     captioner: Any = SimpleNamespace(name="fake")
     app = create_app(
-        ProcessorSettings(), captioner, LocalBlobStore(tmp_path / "blobs"), tmp_path / "state"
+        ProcessorSettings(),
+        captioner,
+        LocalBlobStore(tmp_path / "blobs"),
+        tmp_path / "state",
+        InferenceThread(),
     ).app
     assert isinstance(app.transport, FetchHighwaterTransport) is fetching
