@@ -137,6 +137,8 @@ def _timed(
         tuple(times),
         other_cores=other,
         page_faults=None if faults is None or after is None else after - faults,
+        idle_cores=meter.idle_cores(),
+        stolen_cores=meter.stolen_cores(),
     )
 
 

@@ -316,6 +316,8 @@ class Drive:
     wall_s: float
     results: list[JobResult]
     other_cores: float | None
+    idle_cores: float | None
+    stolen_cores: float | None
     states: dict[str, JobState]
     cores: dict[str, tuple[float | None, int | None]]  # per process: (cores, page faults)
 
@@ -377,7 +379,9 @@ async def _drive(
                 cores[name] = (meter.cores_of(pid), delta)
             ids = {r.event.job_id for r in results}
             states = await final_states(stack.broker.bootstrap, ids)
-            return Drive(wall, results, other, states, cores)
+            return Drive(
+                wall, results, other, meter.idle_cores(), meter.stolen_cores(), states, cores
+            )
     finally:
         await waiter.stop()
 
@@ -429,6 +433,8 @@ def measure(
         client_latencies_s=tuple(r.client_latency_s for r in produced),
         failed=len(drive.results) - len(produced),
         other_cores=drive.other_cores,
+        idle_cores=drive.idle_cores,
+        stolen_cores=drive.stolen_cores,
         batches=tuple(group_batches([e.produced_at.timestamp() for e in events])),
         stages=tuple(stage_medians(job_times(produced, drive.states)).items()),
         cores=tuple(

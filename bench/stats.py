@@ -122,6 +122,8 @@ class BarePoint:
     batch_seconds: tuple[float, ...]  # wall time of each timed batch
     other_cores: float | None = None  # CPU used meanwhile by processes not ours, in cores
     page_faults: int | None = None  # minor page faults of this process while timed
+    idle_cores: float | None = None  # machine cores idle meanwhile (CpuMeter.idle_cores)
+    stolen_cores: float | None = None  # ... and taken by the hypervisor
 
     @property
     def images(self) -> int:
@@ -150,6 +152,8 @@ class PipelineRun:
     client_latencies_s: tuple[float, ...]  # per job: upload sent .. caption event received
     failed: int = 0
     other_cores: float | None = None
+    idle_cores: float | None = None
+    stolen_cores: float | None = None
     batches: tuple[tuple[int, float], ...] = ()  # (size, produced_at) seen: `group_batches`
     stages: tuple[tuple[str, float], ...] = ()  # `stage_medians`, as (stage, seconds)
     # per process: (role, cores used on average, minor page faults) while timed
@@ -166,6 +170,11 @@ class PipelineRun:
         if len(starts) < 2:
             return None
         return percentile([b - a for a, b in itertools.pairwise(starts)], 50)
+
+
+# Cores no thread wanted / cores the hypervisor took, on average while timed: on a CPU
+# run both should be near 0; idle cores mean the model's threads waited on each other.
+IDLE_HEADER = "idle / stolen (cores)"
 
 
 def best_point(points: Iterable[BarePoint]) -> BarePoint:
@@ -276,6 +285,10 @@ def _cores(value: float | None) -> str:
     return "?" if value is None else f"{value:.2f}"
 
 
+def _idle(idle: float | None, stolen: float | None) -> str:
+    return f"{_cores(idle)} / {_cores(stolen)}"
+
+
 def bare_table(points: Sequence[BarePoint]) -> list[str]:
     reference = find_point(points, REFERENCE_PRECISION, 1)
     rows = []
@@ -291,6 +304,7 @@ def bare_table(points: Sequence[BarePoint]) -> list[str]:
                 vs_ref,
                 _per_image(p.page_faults, p.images),
                 _cores(p.other_cores),
+                _idle(p.idle_cores, p.stolen_cores),
             ]
         )
     header = [
@@ -302,6 +316,7 @@ def bare_table(points: Sequence[BarePoint]) -> list[str]:
         "vs fp32 batch 1",
         "page faults / image",
         "other load (cores)",
+        IDLE_HEADER,
     ]
     return _table(header, rows)
 
@@ -320,6 +335,7 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
         "images/s",
         "vs best bare",
         "other load (cores)",
+        IDLE_HEADER,
     ]
     row = [
         run.precision,
@@ -331,6 +347,7 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
         f"**{run.images_per_s:.2f}**",
         vs_best,
         _cores(run.other_cores),
+        _idle(run.idle_cores, run.stolen_cores),
     ]
     lat_header = ["end-to-end latency (s)", "mean", "p50", "p95", "p99", "max"]
     lat_rows = [

@@ -22,17 +22,27 @@ DISTURBED_CORES = 0.25
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def busy_ticks_from_proc_stat(text: str) -> int:
-    """Busy CPU time of the whole machine, in clock ticks, from /proc/stat's `cpu` line.
+@dataclass(frozen=True)
+class MachineTicks:
+    """CPU time of the whole machine, in clock ticks, from /proc/stat's `cpu` line.
 
-    Busy = user + nice + system + irq + softirq (guest time is already inside user);
-    idle, iowait and steal are not.
+    busy = user + nice + system + irq + softirq (guest time is already inside user);
+    idle = idle + iowait: no thread wanted the core; stolen = steal: a thread wanted it,
+    but the hypervisor ran another guest.
     """
+
+    busy: int
+    idle: int
+    stolen: int
+
+
+def machine_ticks_from_proc_stat(text: str) -> MachineTicks:
     for line in text.splitlines():
         parts = line.split()
         if parts and parts[0] == "cpu":
-            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in parts[1:8])
-            return user + nice + system + irq + softirq
+            user, nice, system, idle, iowait, irq, softirq = (int(v) for v in parts[1:8])
+            steal = int(parts[8]) if len(parts) > 8 else 0
+            return MachineTicks(user + nice + system + irq + softirq, idle + iowait, steal)
     raise ValueError("no aggregate `cpu` line in /proc/stat")
 
 
@@ -72,7 +82,7 @@ def _read(path: str) -> str | None:
 @dataclass(frozen=True)
 class _Sample:
     at: float
-    machine: int
+    machine: MachineTicks
     per_pid: dict[int, int]
 
     @property
@@ -81,7 +91,11 @@ class _Sample:
 
 
 class CpuMeter:
-    """Cores kept busy by processes other than `pids` between `start()` and `stop()`."""
+    """Cores kept busy by processes other than `pids` between `start()` and `stop()`;
+    also how many cores sat idle or were stolen by the hypervisor meanwhile. Idle cores
+    while a model computes on all of them mean its threads wait on each other (or on
+    I/O); that is how the worker's throttled OpenMP barriers showed (processor.inference).
+    """
 
     def __init__(self, pids: Iterable[int] = ()) -> None:
         self.pids = {os.getpid(), *pids}
@@ -100,7 +114,7 @@ class CpuMeter:
         text = _read("/proc/stat")
         if text is None:
             return None
-        return _Sample(time.monotonic(), busy_ticks_from_proc_stat(text), self._per_pid())
+        return _Sample(time.monotonic(), machine_ticks_from_proc_stat(text), self._per_pid())
 
     def start(self) -> None:
         self._start = self._sample()
@@ -109,8 +123,23 @@ class CpuMeter:
         self._end = end = self._sample()
         if self._start is None or end is None or end.at <= self._start.at:
             return None
-        others = (end.machine - self._start.machine) - (end.ours - self._start.ours)
+        busy = end.machine.busy - self._start.machine.busy
+        others = busy - (end.ours - self._start.ours)
         return max(0.0, others / _TICKS / (end.at - self._start.at))
+
+    def _machine_cores(self, ticks: Callable[[MachineTicks], int]) -> float | None:
+        start, end = self._start, self._end
+        if start is None or end is None or end.at <= start.at:
+            return None
+        return (ticks(end.machine) - ticks(start.machine)) / _TICKS / (end.at - start.at)
+
+    def idle_cores(self) -> float | None:
+        """Cores no thread wanted between `start()` and `stop()`, on average."""
+        return self._machine_cores(lambda t: t.idle)
+
+    def stolen_cores(self) -> float | None:
+        """Cores the hypervisor gave to other guests while ours wanted them, on average."""
+        return self._machine_cores(lambda t: t.stolen)
 
     def cores_of(self, pid: int) -> float | None:
         """Cores `pid` kept busy between `start()` and `stop()` on average."""

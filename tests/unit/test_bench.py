@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -33,8 +35,9 @@ from bench.stats import (
     stage_medians,
 )
 from bench.system import (
-    busy_ticks_from_proc_stat,
+    CpuMeter,
     cpu_model_from_cpuinfo,
+    machine_ticks_from_proc_stat,
     minor_faults,
     minor_faults_from_stat,
     process_ticks_from_stat,
@@ -87,7 +90,15 @@ def points() -> list[BarePoint]:
         BarePoint("fp32", 1, (1.0, 1.0)),  # 1.0 images/s
         BarePoint("fp32", 8, (8.0 / 1.2, 8.0 / 1.2)),  # 1.2
         BarePoint("bf16", 1, (0.5, 0.5), other_cores=0.01),  # 2.0
-        BarePoint("bf16", 8, (2.0, 2.0), other_cores=0.6, page_faults=16_000),  # 4.0: best
+        BarePoint(
+            "bf16",
+            8,
+            (2.0, 2.0),
+            other_cores=0.6,
+            page_faults=16_000,
+            idle_cores=0.05,
+            stolen_cores=0.01,
+        ),  # 4.0: best
         BarePoint("bf16", 16, (5.0,)),  # 3.2
     ]
 
@@ -102,6 +113,8 @@ def pipeline_run() -> PipelineRun:
         wall_s=16.0,  # 3.0 images/s
         latencies_s=(4.0, 5.0, 6.0),
         client_latencies_s=(4.1, 5.1, 6.1),
+        idle_cores=0.04,
+        stolen_cores=0.0,
     )
 
 
@@ -150,8 +163,8 @@ def test_bare_table() -> None:
     assert lines[0].startswith("| precision | batch |")
     assert len(lines) == 2 + len(points())
     assert {line.count("|") for line in lines} == {lines[0].count("|")}  # aligned columns
-    assert "| bf16 | 8 | 16 | 2.00 | **4.00** | 4.00x | 1,000 | 0.60 |" in lines
-    assert "| fp32 | 1 | 2 | 1.00 | **1.00** | 1.00x | ? | ? |" in lines
+    assert "| bf16 | 8 | 16 | 2.00 | **4.00** | 4.00x | 1,000 | 0.60 | 0.05 / 0.01 |" in lines
+    assert "| fp32 | 1 | 2 | 1.00 | **1.00** | 1.00x | ? | ? | ? / ? |" in lines
 
 
 def test_report_markdown() -> None:
@@ -165,7 +178,7 @@ def test_report_markdown() -> None:
     ).markdown()
     assert text.startswith("# bench\n")
     assert "- **CPU**: Test CPU" in text
-    assert "| bf16 | 8 | 0.1 | 16 | 48 | 0 | **3.00** | 0.75x | ? |" in text
+    assert "| bf16 | 8 | 0.1 | 16 | 48 | 0 | **3.00** | 0.75x | ? | 0.04 / 0.00 |" in text
     assert "| submitted_at -> produced_at (event) | 5.00 | 5.00 | 5.90 | 5.98 | 6.00 |" in text
     assert "- pipeline / best bare (bf16 batch 8): **0.75x** (target: >= 0.9)" in text
     assert text.endswith("- a note\n")
@@ -219,11 +232,32 @@ def test_cli_defaults_and_quick() -> None:
 # --- machine --------------------------------------------------------------------------------
 
 
-def test_busy_ticks_from_proc_stat() -> None:
+def test_machine_ticks_from_proc_stat() -> None:
     text = "cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 50 2 25 500 10 1 1 3 0 0\nintr 1\n"
-    assert busy_ticks_from_proc_stat(text) == 100 + 5 + 50 + 3 + 2
+    ticks = machine_ticks_from_proc_stat(text)
+    assert ticks.busy == 100 + 5 + 50 + 3 + 2
+    assert ticks.idle == 1000 + 20
+    assert ticks.stolen == 7
+    assert machine_ticks_from_proc_stat("cpu  1 2 3 4 5 6 7\n").stolen == 0  # old kernels
     with pytest.raises(ValueError, match="cpu"):
-        busy_ticks_from_proc_stat("intr 1\n")
+        machine_ticks_from_proc_stat("intr 1\n")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+def test_cpu_meter_sees_idle_cores() -> None:
+    meter = CpuMeter()
+    meter.start()
+    time.sleep(0.5)  # this process sleeps: its cores are idle unless others use them
+    others = meter.stop()
+    idle, stolen = meter.idle_cores(), meter.stolen_cores()
+    assert idle is not None
+    assert stolen is not None
+    assert others is not None
+    cores = os.cpu_count() or 1
+    assert 0 <= idle <= cores + 0.1
+    assert 0 <= stolen <= cores + 0.1
+    # every core is busy with some process, idle, or stolen; time with ticks of slack
+    assert idle + stolen + others == pytest.approx(cores, abs=0.2 * cores + 0.1)
 
 
 def test_process_ticks_from_stat() -> None:
