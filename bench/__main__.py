@@ -7,7 +7,9 @@
    here (bf16 on CPUs with native bf16, fp16 on CUDA).
 3. Pipeline: broker + worker + gateway processes, with the worker at the best bare
    precision and batch size; images uploaded over HTTP by a closed loop of clients,
-   latency taken from each job's caption event.
+   latency taken from each job's caption event. Then paired rounds: one bare batch in
+   this process (the worker idle), one pipeline segment (this process idle), in turn,
+   so the two are compared minute by minute on a machine whose speed drifts.
 4. Prints the report and writes it to bench/RESULTS.md.
 
 Counts are small so a full run stays within ~15 minutes on 2 CPU cores; raise them
@@ -28,7 +30,14 @@ from pathlib import Path
 from bench import bare, pipeline
 from bench.images import compare_decoding, decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
-from bench.stats import BarePoint, DecoderComparison, PipelineRun, Report, best_point
+from bench.stats import (
+    BarePoint,
+    DecoderComparison,
+    PairedRound,
+    PipelineRun,
+    Report,
+    best_point,
+)
 from bench.system import DISTURBED_CORES, machine_description
 
 ROOT = Path(__file__).resolve().parent
@@ -114,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CAPTIONSTREAM_MAX_BATCH_WAIT_S (default: 5%% of the best bare "
         "batch time, between 0.01 and 0.25 s)",
+    )
+    p.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=None,
+        help="after the pipeline run, this many rounds of one bare batch then one pipeline "
+        "segment of in-flight images, so both see the same minutes of a drifting machine "
+        "(default 3; --quick 1; 0: measure bare again after the pipeline instead)",
     )
     p.add_argument("--no-bare", action="store_true", help="skip the bare-model points")
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline run")
@@ -259,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run: PipelineRun | None = None
     bare_after: BarePoint | None = None
+    paired: list[PairedRound] = []
     notes: list[str] = [
         "Model: the full-size BLIP-base architecture (`BlipConfig()` defaults, 224M "
         "parameters, 384x384 input) with random weights, saved with `save_pretrained` and "
@@ -307,24 +325,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"pipeline: {precision}, max batch {size}, batch wait {wait} s, {in_flight} in "
             f"flight, {len(warmup)} warm-up + {count} timed images"
         )
-        run, loaded = pipeline.measure(
-            model_dir=model_dir,
-            cache_dir=cache,
-            precision=precision,
-            device=device,
-            max_batch_size=size,
-            max_batch_wait_s=wait,
-            in_flight=in_flight,
-            warmup=warmup,
-            timed=timed,
-            new_tokens=args.new_tokens,
-            keep=args.keep,
-            progress=progress,
-            quiet_wait_s=args.quiet_wait_s,
-            worker_env=dict(args.worker_env),
-        )
+        same_as_best = best is not None and (best.precision, best.batch_size) == (precision, size)
+        rounds = args.paired_rounds if args.paired_rounds is not None else (1 if args.quick else 3)
+        pairing = None
+        bare_batches = None
+        if same_as_best and rounds > 0:
+            bare_batches = bare.BareBatches(
+                model_dir,
+                precision=precision,
+                device=device,
+                batch_size=size,
+                images=[decode(j) for j in jpegs],
+                new_tokens=args.new_tokens,
+                progress=progress,
+            )
+            segments = [synthetic_jpegs(in_flight, seed=10 + i) for i in range(rounds)]
+            pairing = pipeline.Pairing(bare_batches, size, segments)
+            progress(f"then {rounds} paired rounds: a bare batch, then {in_flight} images")
+        try:
+            run, paired, loaded = pipeline.measure(
+                model_dir=model_dir,
+                cache_dir=cache,
+                precision=precision,
+                device=device,
+                max_batch_size=size,
+                max_batch_wait_s=wait,
+                in_flight=in_flight,
+                warmup=warmup,
+                timed=timed,
+                new_tokens=args.new_tokens,
+                keep=args.keep,
+                progress=progress,
+                quiet_wait_s=args.quiet_wait_s,
+                worker_env=dict(args.worker_env),
+                pairing=pairing,
+            )
+        finally:
+            if bare_batches is not None:
+                bare_batches.close()
         progress(f"pipeline: {run.images_per_s:.2f} images/s")
-        if best is not None and (best.precision, best.batch_size) == (precision, size):
+        if best is not None and paired:
+            # The paired rounds' bare batches are the best point measured after the pipeline.
+            bare_after = BarePoint(best.precision, size, tuple(r.bare_s for r in paired))
+        elif best is not None and same_as_best:
             progress(f"bare: {best.precision} batch {best.batch_size} again, after the pipeline")
             [bare_after] = bare.measure(
                 model_dir,
@@ -401,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes,
         decoders=decoders,
         bare_after=bare_after,
+        paired=paired,
     )
     text = report.markdown()
     print(text)

@@ -42,6 +42,27 @@ def check_generated_length(captioner: BlipCaptioner, image: Image, new_tokens: i
         raise RuntimeError(f"the model generated {generated} tokens, not {new_tokens}")
 
 
+def load(
+    model_dir: Path,
+    *,
+    precision: str,
+    device: str,
+    new_tokens: int,
+    prepack_weights: bool = True,
+    vision_attention: str = "auto",
+) -> BlipCaptioner:
+    """The captioner as the worker loads it, unless told otherwise (greedy, one beam)."""
+    return BlipCaptioner.load(
+        str(model_dir),
+        data_dir=model_dir.parent,
+        device=device,
+        precision=precision,
+        defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
+        prepack_weights=prepack_weights,
+        vision_attention=vision_attention,
+    )
+
+
 def measure(
     model_dir: Path,
     *,
@@ -64,13 +85,7 @@ def measure(
     def disturbed(point: BarePoint) -> bool:
         return point.other_cores is not None and point.other_cores > quiet_threshold
 
-    captioner = BlipCaptioner.load(
-        str(model_dir),
-        data_dir=model_dir.parent,
-        device=device,
-        precision=precision,
-        defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
-    )
+    captioner = load(model_dir, precision=precision, device=device, new_tokens=new_tokens)
     check_generated_length(captioner, images[0], new_tokens)
     pool = itertools.cycle(images)
     points: list[BarePoint] = []
@@ -142,6 +157,55 @@ def _timed(
     )
 
 
+class BareBatches:
+    """Bare batches one call at a time, to interleave with pipeline segments
+    (`pipeline.measure`'s paired rounds). Loads the captioner on the first call and runs
+    one untimed batch then; each call returns one timed batch's seconds. Runs on the
+    calling thread: the bench process's torch work all stays on its main thread (see
+    processor.inference for why one thread)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        precision: str,
+        device: str,
+        batch_size: int,
+        images: Sequence[Image],
+        new_tokens: int,
+        progress: Progress,
+    ) -> None:
+        self.model_dir, self.precision, self.device = model_dir, precision, device
+        self.batch_size, self.new_tokens, self.progress = batch_size, new_tokens, progress
+        self._pool = itertools.cycle(images)
+        self._options = [GenerationOptions()] * batch_size
+        self._captioner: BlipCaptioner | None = None
+
+    def _batch(self, captioner: BlipCaptioner) -> float:
+        batch = [next(self._pool) for _ in range(self.batch_size)]
+        t0 = time.perf_counter()
+        captions = captioner.caption(batch, self._options)
+        assert len(captions) == self.batch_size
+        return time.perf_counter() - t0
+
+    def __call__(self) -> float:
+        if self._captioner is None:
+            self._captioner = load(
+                self.model_dir,
+                precision=self.precision,
+                device=self.device,
+                new_tokens=self.new_tokens,
+            )
+            warm = self._batch(self._captioner)
+            self.progress(f"bare {self.precision} batch {self.batch_size}: warm-up {warm:.1f} s")
+        return self._batch(self._captioner)
+
+    def close(self) -> None:
+        self._captioner = None
+        gc.collect()
+        _free_accelerator_memory()
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of running `caption()`: the decoding loop, weights and vision attention."""
@@ -193,18 +257,17 @@ def compare_decoders(
     each per batch size (after one untimed round)."""
     variants = captioning_variants(device, precision)
 
-    def load(prepack: bool, attention: str) -> BlipCaptioner:
-        return BlipCaptioner.load(
-            str(model_dir),
-            data_dir=model_dir.parent,
-            device=device,
+    captioners = {
+        (v.prepack, v.attention): load(
+            model_dir,
             precision=precision,
-            defaults=GenerationDefaults(max_new_tokens=new_tokens, num_beams=1),
-            prepack_weights=prepack,
-            vision_attention=attention,
+            device=device,
+            new_tokens=new_tokens,
+            prepack_weights=v.prepack,
+            vision_attention=v.attention,
         )
-
-    captioners = {(v.prepack, v.attention): load(v.prepack, v.attention) for v in variants}
+        for v in variants
+    }
     pool = itertools.cycle(images)
     found: list[DecoderComparison] = []
     for size in batch_sizes:

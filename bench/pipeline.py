@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.stats import JobTimes, PipelineRun, group_batches, stage_medians
+from bench.stats import JobTimes, PairedRound, PipelineRun, group_batches, stage_medians
 from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import (
@@ -320,6 +320,39 @@ class Drive:
     stolen_cores: float | None
     states: dict[str, JobState]
     cores: dict[str, tuple[float | None, int | None]]  # per process: (cores, page faults)
+    paired: list[PairedRound]
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Paired rounds after the main run: `bare_batch()` times one bare batch of
+    `batch_size` in this process (blocking: the worker is idle meanwhile), then a closed
+    loop captions each of `segments` through the pipeline."""
+
+    bare_batch: Callable[[], float]
+    batch_size: int
+    segments: Sequence[Sequence[bytes]]
+
+
+async def _paired_rounds(
+    http: httpx.AsyncClient,
+    waiter: CaptionWaiter,
+    pairing: Pairing,
+    in_flight: int,
+    progress: Progress,
+) -> list[PairedRound]:
+    rounds = []
+    for i, segment in enumerate(pairing.segments, 1):
+        bare_s = pairing.bare_batch()  # blocks the loop on purpose: nothing else runs
+        start = time.monotonic()
+        await closed_loop(http, waiter, segment, in_flight, 600, lambda r: None)
+        found = PairedRound(pairing.batch_size, bare_s, len(segment), time.monotonic() - start)
+        rounds.append(found)
+        progress(
+            f"paired round {i}/{len(pairing.segments)}: bare {found.bare_images_per_s:.2f}, "
+            f"pipeline {found.pipeline_images_per_s:.2f} images/s ({found.ratio:.2f}x)"
+        )
+    return rounds
 
 
 async def _drive(
@@ -329,6 +362,7 @@ async def _drive(
     in_flight: int,
     progress: Progress,
     quiet_wait_s: float,
+    pairing: Pairing | None = None,
 ) -> Drive:
     waiter = CaptionWaiter(stack.broker.bootstrap)
     await waiter.start()
@@ -379,8 +413,18 @@ async def _drive(
                 cores[name] = (meter.cores_of(pid), delta)
             ids = {r.event.job_id for r in results}
             states = await final_states(stack.broker.bootstrap, ids)
+            paired = []
+            if pairing is not None:
+                paired = await _paired_rounds(http, waiter, pairing, in_flight, progress)
             return Drive(
-                wall, results, other, meter.idle_cores(), meter.stolen_cores(), states, cores
+                wall,
+                results,
+                other,
+                meter.idle_cores(),
+                meter.stolen_cores(),
+                states,
+                cores,
+                paired,
             )
     finally:
         await waiter.stop()
@@ -402,8 +446,10 @@ def measure(
     progress: Progress,
     quiet_wait_s: float = 0,
     worker_env: Mapping[str, str] | None = None,
-) -> tuple[PipelineRun, str]:
-    """Run the stack and the load; returns the result and the worker's model log line."""
+    pairing: Pairing | None = None,
+) -> tuple[PipelineRun, list[PairedRound], str]:
+    """Run the stack and the load, then any paired rounds; returns the main run's result,
+    the paired rounds and the worker's model log line."""
     with running_stack(
         model_dir=model_dir,
         cache_dir=cache_dir,
@@ -416,7 +462,9 @@ def measure(
         progress=progress,
         worker_env=worker_env,
     ) as stack:
-        drive = asyncio.run(_drive(stack, warmup, timed, in_flight, progress, quiet_wait_s))
+        drive = asyncio.run(
+            _drive(stack, warmup, timed, in_flight, progress, quiet_wait_s, pairing)
+        )
         loaded = next(
             (line for line in stack.worker.log().splitlines() if "loaded model" in line), ""
         )
@@ -441,4 +489,4 @@ def measure(
             (name, c, faults) for name, (c, faults) in drive.cores.items() if c is not None
         ),
     )
-    return run, loaded
+    return run, drive.paired, loaded

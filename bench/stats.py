@@ -177,6 +177,52 @@ class PipelineRun:
 IDLE_HEADER = "idle / stolen (cores)"
 
 
+@dataclass(frozen=True)
+class PairedRound:
+    """One bare batch (the worker idle), then a pipeline segment (this process idle), back
+    to back: both see the same minute of the machine, whose speed drifts 10-30%."""
+
+    batch_size: int
+    bare_s: float  # one batch of `batch_size` in this process
+    images: int  # captioned by the pipeline segment, a closed loop like the main run
+    pipeline_s: float  # first upload .. last caption event of the segment
+
+    @property
+    def bare_images_per_s(self) -> float:
+        return self.batch_size / self.bare_s
+
+    @property
+    def pipeline_images_per_s(self) -> float:
+        return self.images / self.pipeline_s
+
+    @property
+    def ratio(self) -> float:
+        return self.pipeline_images_per_s / self.bare_images_per_s
+
+
+def paired_table(rounds: Sequence[PairedRound]) -> list[str]:
+    header = [
+        "round",
+        "bare s / batch",
+        "bare images/s",
+        "pipeline images",
+        "pipeline images/s",
+        "pipeline / bare",
+    ]
+    rows = [
+        [
+            str(i),
+            f"{r.bare_s:.2f}",
+            f"{r.bare_images_per_s:.2f}",
+            str(r.images),
+            f"{r.pipeline_images_per_s:.2f}",
+            f"**{r.ratio:.2f}x**",
+        ]
+        for i, r in enumerate(rounds, 1)
+    ]
+    return _table(header, rows)
+
+
 def best_point(points: Iterable[BarePoint]) -> BarePoint:
     return max(points, key=lambda p: p.images_per_s)
 
@@ -199,12 +245,15 @@ def ratios(
     points: Sequence[BarePoint],
     pipeline: PipelineRun | None,
     bare_after: BarePoint | None = None,
+    paired: Sequence[PairedRound] = (),
 ) -> list[Ratio]:
     """The comparisons the issue asks for, for whatever points were measured.
 
     `bare_after` is the best bare point measured again after the pipeline run: this
     machine's speed drifts by ~10% between minutes, so the pipeline is also compared with
     the mean of the measurements before and after it (bracketing), next to the plain ratio.
+    `paired` rounds compare the two minute by minute; their median ratio is the one least
+    moved by drift.
     """
     out: list[Ratio] = []
     if not points:
@@ -268,6 +317,17 @@ def ratios(
                     "target: >= 0.9; brackets the pipeline against drift in machine speed",
                 )
             )
+    if paired:
+        values = [r.ratio for r in paired]
+        out.append(
+            Ratio(
+                f"pipeline / bare, interleaved (median of {len(values)} rounds, "
+                f"{min(values):.2f}-{max(values):.2f}x)",
+                percentile(values, 50),
+                "target: >= 0.9; a bare batch and a pipeline segment in turn, "
+                "so both see the same minute",
+            )
+        )
     return out
 
 
@@ -462,6 +522,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     decoders: Sequence[DecoderComparison] = ()
     bare_after: BarePoint | None = None  # the best bare point, again after the pipeline
+    paired: Sequence[PairedRound] = ()
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
@@ -478,7 +539,10 @@ class Report:
             best = best_point(self.points) if self.points else None
             lines += ["", "## Whole pipeline (HTTP upload -> caption event)", ""]
             lines += pipeline_table(self.pipeline, best)
-        found = ratios(self.points, self.pipeline, self.bare_after)
+        if self.paired:
+            lines += ["", "## Pipeline and bare, interleaved (same batch size)", ""]
+            lines += paired_table(self.paired)
+        found = ratios(self.points, self.pipeline, self.bare_after, self.paired)
         if found:
             lines += ["", "## Ratios", ""]
             for r in found:

@@ -25,6 +25,7 @@ from bench.stats import (
     DecoderComparison,
     JobTimes,
     LatencySummary,
+    PairedRound,
     PipelineRun,
     Report,
     bare_table,
@@ -182,6 +183,22 @@ def test_report_markdown() -> None:
     assert "| submitted_at -> produced_at (event) | 5.00 | 5.00 | 5.90 | 5.98 | 6.00 |" in text
     assert "- pipeline / best bare (bf16 batch 8): **0.75x** (target: >= 0.9)" in text
     assert text.endswith("- a note\n")
+
+
+def test_paired_rounds_compare_each_minute_with_itself() -> None:
+    paired = [
+        PairedRound(8, bare_s=2.0, images=16, pipeline_s=5.0),  # 4.0 vs 3.2 images/s
+        PairedRound(8, bare_s=4.0, images=16, pipeline_s=4.0),  # 2.0 vs 4.0
+        PairedRound(8, bare_s=2.0, images=16, pipeline_s=4.0),  # 4.0 vs 4.0
+    ]
+    assert [r.ratio for r in paired] == pytest.approx([0.8, 2.0, 1.0])
+    text = Report("b", {}, {}, points(), pipeline_run(), paired=paired).markdown()
+    assert "## Pipeline and bare, interleaved (same batch size)" in text
+    assert "| 1 | 2.00 | 4.00 | 16 | 3.20 | **0.80x** |" in text
+    assert "| 2 | 4.00 | 2.00 | 16 | 4.00 | **2.00x** |" in text
+    median = "- pipeline / bare, interleaved (median of 3 rounds, 0.80-2.00x): **1.00x**"
+    assert median in text
+    assert "interleaved" not in Report("b", {}, {}, points(), pipeline_run()).markdown()
 
 
 def test_report_without_pipeline_or_bare() -> None:
