@@ -107,6 +107,8 @@ def test_the_worker_sets_threads_and_loads_the_model_on_the_inference_thread(
         raise Stop
 
     monkeypatch.setattr(worker, "tune_malloc", lambda *a, **k: None)
+    # It would raise Pillow's process-wide pixel cap for the rest of the test session.
+    monkeypatch.setattr(worker, "allow_pixels", lambda _: None)
     monkeypatch.setattr(worker, "configure_torch_threads", fake_threads)
     monkeypatch.setattr(worker, "load_captioner", fake_load)
     with pytest.raises(Stop):
