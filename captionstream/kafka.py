@@ -121,6 +121,27 @@ async def ensure_topics(
         await admin.close()
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, minus aiokafka's stray CancelledError when the broker just left.
+
+    aiokafka's `Fetcher.close()` cancels its pending fetches and awaits each; a fetch that
+    failed (broker gone) and is sleeping out `retry_backoff_ms` does not catch that
+    cancellation, so `stop()` raises CancelledError. Ctrl-C on `captionstream up` stops
+    the broker and the gateway at once and hit exactly that: the gateway's shutdown
+    failed and `up` exited 1. The consumer is closed by then except for its connections,
+    which are closed here. A cancellation of the caller itself still propagates.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        log.info("Kafka consumer stopped while a fetch waited out its retry backoff")
+        with contextlib.suppress(Exception):
+            await consumer._client.close()
+
+
 async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """Assign every partition of `topic` to a group-less consumer, from the beginning.
 
@@ -157,13 +178,13 @@ async def start_topic_reader(
             for tp, end in (await fetch_highwaters(bootstrap, tps)).items():
                 consumer.seek(tp, end)
     except (KafkaError, OSError) as exc:
-        await consumer.stop()
+        await stop_consumer(consumer)
         raise BrokerError(
             f"cannot read {topic} from Kafka at {bootstrap} ({exc!r}); start it with "
             "`captionstream broker` or set CAPTIONSTREAM_KAFKA_BOOTSTRAP"
         ) from exc
     except BaseException:
-        await consumer.stop()
+        await stop_consumer(consumer)
         raise
     return consumer
 
@@ -196,7 +217,7 @@ async def fetch_highwaters(
             await consumer.getmany(*missing, timeout_ms=200, max_records=1)
         return {tp: max(listed[tp], consumer.highwater(tp)) for tp in tps}
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 def submission_producer(settings: CommonSettings, timeout_s: float) -> AIOKafkaProducer:

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from aiokafka.errors import KafkaError
 
-from captionstream.kafka import start_topic_reader
+from captionstream.kafka import start_topic_reader, stop_consumer
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -72,5 +72,5 @@ async def tail_captions(
                     break
             out.flush()
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     return printed

@@ -17,7 +17,7 @@ from datetime import datetime
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from captionstream.kafka import assign_whole_topic
+from captionstream.kafka import assign_whole_topic, stop_consumer
 from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
@@ -254,4 +254,4 @@ class JobStateFollower:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.consumer.stop()
+        await stop_consumer(self.consumer)

@@ -40,7 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from captionstream.errors import FetchError, WebhookRefused
-from captionstream.kafka import tuning_for
+from captionstream.kafka import stop_consumer, tuning_for
 from captionstream.logging_config import job_context
 from captionstream.settings import GatewaySettings
 from gateway.metrics import GatewayMetrics
@@ -420,7 +420,7 @@ class WebhookDispatcher:
             task.cancel()
         await asyncio.gather(*self.deliveries, return_exceptions=True)
         await self._commit()  # what finished before the stop
-        await self.consumer.stop()
+        await stop_consumer(self.consumer)
         await self.sender.aclose()
 
     @property

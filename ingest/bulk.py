@@ -36,7 +36,12 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from captionstream.errors import BrokerError, CaptionstreamError, ImageRejected, ImageTooLarge
-from captionstream.kafka import ensure_topics, start_topic_reader, submission_producer
+from captionstream.kafka import (
+    ensure_topics,
+    start_topic_reader,
+    stop_consumer,
+    submission_producer,
+)
 from captionstream.settings import BulkIngestSettings
 from gateway.publisher import KafkaJobPublisher
 from ingest.blobstore import LocalBlobStore
@@ -653,7 +658,7 @@ class BulkIngest:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             if consumer is not None:
-                await consumer.stop()
+                await stop_consumer(consumer)
             await producer.stop()
         if self.fatal is not None:
             raise BrokerError(f"submitting stopped: {self.fatal!r}") from self.fatal

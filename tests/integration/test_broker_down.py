@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import pytest
+from aiokafka import AIOKafkaConsumer
+
 from captionstream.broker import EmbeddedBroker, free_port
+from captionstream.kafka import assign_whole_topic, ensure_topics, stop_consumer
+from captionstream.settings import CommonSettings
+from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Stack
 
@@ -26,5 +33,31 @@ async def test_submit_answers_503_when_the_broker_is_down(stack: Stack, tmp_path
         assert "Kafka" in response.json()["detail"]
         assert elapsed < 15, "the client is not kept waiting past the Kafka timeout"
         assert gateway.healthy(), "liveness does not depend on Kafka"
+    finally:
+        broker.stop()
+
+
+async def test_a_reader_stops_cleanly_when_the_broker_has_just_left(tmp_path: Path) -> None:
+    """aiokafka's stop() raises CancelledError when a fetch is waiting out its retry
+    backoff (Ctrl-C on `captionstream up` stops broker and gateway together);
+    `stop_consumer` closes the consumer without letting that out."""
+    broker = EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log").start()
+    try:
+        settings = CommonSettings(kafka_bootstrap=broker.bootstrap)
+        topic = TOPICS.captions
+        await ensure_topics(settings, (topic,))
+        readers = []
+        for _ in range(2):
+            # A long backoff keeps the failed fetch asleep while the reader stops.
+            reader = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, retry_backoff_ms=30_000)
+            await reader.start()
+            await assign_whole_topic(reader, topic.name)
+            readers.append(reader)
+        broker.stop()
+        await asyncio.sleep(2)  # each reader's next fetch fails, then it backs off
+
+        with pytest.raises(asyncio.CancelledError):
+            await readers[0].stop()  # the aiokafka behaviour being worked around
+        await asyncio.wait_for(stop_consumer(readers[1]), 10)
     finally:
         broker.stop()
