@@ -105,6 +105,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     broker: EmbeddedBroker | None = None
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, _raise_stop)
+    # Ctrl-C stops the stack even where SIGINT came in ignored (a script's background
+    # job): the worker and gateway install their own handlers and stop on it regardless,
+    # and `up` must not take that for a component failing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     die_with_parent()  # `make run` may be killed without passing the signal on
     env = dict(os.environ)
     code = 0

@@ -64,6 +64,9 @@ def test_up_runs_the_stack_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group, like a terminal job
+            # As a script's background job gets it (and this suite, run that way): SIGINT
+            # ignored on entry. Ctrl-C must still stop `up` cleanly, not just its children.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
     try:
         gateway = Gateway(f"http://127.0.0.1:{port}")
