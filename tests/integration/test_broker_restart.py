@@ -69,7 +69,10 @@ async def test_broker_sigkill_and_restart_loses_no_accepted_job(durable_stack: S
     assert broker is not None
     assert broker.storage.startswith("s3://")
     worker = stack.start_worker()
-    gateway = stack.start_gateway(CAPTIONSTREAM_KAFKA_TIMEOUT_S="3")
+    # Long enough for 40 submits at once on S3 storage (moto serves its PUTs one at a
+    # time: at 3 s one of them timed out on a busy 2-core machine), short enough that a
+    # submit while the broker is down is refused within the test's patience.
+    gateway = stack.start_gateway(CAPTIONSTREAM_KAFKA_TIMEOUT_S="10")
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
         responses = await asyncio.gather(*(submit(client, i) for i in range(JOBS)))
