@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -229,3 +229,40 @@ def submission_producer(settings: CommonSettings, timeout_s: float) -> AIOKafkaP
         request_timeout_ms=int(timeout_s * 1000),
         **tuning_for(settings.profile).aiokafka_producer_kwargs(),
     )
+
+
+async def read_record_at(
+    bootstrap: str, tp: TopicPartition, offset: int, timeout_s: float = 10
+) -> ConsumerRecord[bytes, bytes] | None:
+    """The first record of `tp` at or after `offset` (compaction may have removed the one
+    at `offset`), or None when there is none before the partition's end."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+            records = batches.get(tp, [])
+            if records:
+                return records[0]
+            highwater = consumer.highwater(tp)
+            if highwater is not None and offset >= highwater:
+                return None
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerError(f"no record of {tp} at offset {offset} within {timeout_s}s")
+    finally:
+        await stop_consumer(consumer)
+
+
+async def list_topics(bootstrap: str) -> set[str]:
+    """The names of the topics the cluster has."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return set(await consumer.topics())
+    finally:
+        await stop_consumer(consumer)

@@ -23,6 +23,7 @@ from processor.app import create_app
 from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
 from processor.hf_captioner import HFImageToTextCaptioner
 from processor.inference import InferenceThread
+from processor.table_state import KafkaChangelogReader, discard_stale_table_state
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ def run_worker(settings: ProcessorSettings) -> None:
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
     blobs = LocalBlobStore(settings.blob_dir)
     processor = create_app(settings, captioner, blobs, datadir, inference)
+    # Before Faust opens the tables: state its changelog no longer backs (a restarted
+    # in-memory broker, a recreated topic) is dropped and rebuilt instead of crashing.
+    loop.run_until_complete(
+        discard_stale_table_state(
+            processor.app, settings.partitions, KafkaChangelogReader(settings.bootstrap)
+        )
+    )
     worker = faust.Worker(
         processor.app,
         loop=loop,

@@ -53,9 +53,10 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_up_runs_the_stack_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+def run_up_once(tmp_path: Path, log_path: Path) -> tuple[Gateway, subprocess.Popen[bytes]]:
+    """Start `captionstream up` as a terminal would, on tmp_path's data dir; return once
+    its gateway and worker serve."""
     port = free_port()
-    log_path = tmp_path / "up.log"
     env = clean_env(tmp_path, CAPTIONSTREAM_MODEL="tiny-blip", CAPTIONSTREAM_PORT=str(port))
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
@@ -68,24 +69,61 @@ def test_up_runs_the_stack_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
             # ignored on entry. Ctrl-C must still stop `up` cleanly, not just its children.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
+    gateway = Gateway(f"http://127.0.0.1:{port}")
     try:
-        gateway = Gateway(f"http://127.0.0.1:{port}")
-        wait_until(gateway.healthy, 60, "the gateway of `captionstream up`")
-        wait_until(lambda: "[^Worker]: Ready" in log_path.read_text(), 60, "the worker")
-        job_id = httpx.post(
-            f"{gateway.url}/api/v1/upload", files={"file": ("a.png", make_png())}
-        ).json()["job_id"]
-        assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
+        wait_until(lambda: gateway.healthy() or up.poll() is not None, 60, "the gateway of `up`")
+        wait_until(
+            lambda: "[^Worker]: Ready" in log_path.read_text() or up.poll() is not None,
+            60,
+            "the worker",
+        )
+        assert up.poll() is None, f"`up` exited:\n{log_path.read_text()[-3000:]}"
+    except BaseException:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+        raise
+    return gateway, up
 
-        spawned = descendants(up.pid)
-        assert len(spawned) >= 3, "broker, worker and gateway run as child processes"
-        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        assert up.wait(30) == 0
-        wait_until(lambda: not any(running(p) for p in spawned), 10, "children to exit")
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+
+def ctrl_c(up: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C as a terminal sends it; `up` exits 0 and leaves no process behind."""
+    spawned = descendants(up.pid)
+    assert len(spawned) >= 3, "broker, worker and gateway run as child processes"
+    os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert up.wait(30) == 0
+    wait_until(lambda: not any(running(p) for p in spawned), 10, "children to exit")
+
+
+def test_up_ctrl_c_leaves_no_process_and_a_second_up_serves_as_the_first(
+    tmp_path: Path,
+) -> None:
+    """`make run`, Ctrl-C, `make run` on the same data directory. The embedded broker
+    keeps topics in memory, so the second broker starts empty while the worker's table
+    state from the first run is still on disk: the worker discards it (one warning) and
+    serves, where it used to crash on Faust's ConsistencyError and take the stack down."""
+    first_job = ""
+    for run in (1, 2):
+        log_path = tmp_path / f"up-{run}.log"
+        gateway, up = run_up_once(tmp_path, log_path)
+        try:
+            job_id = httpx.post(
+                f"{gateway.url}/api/v1/upload", files={"file": ("a.png", make_png())}
+            ).json()["job_id"]
+            assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
+            if run == 1:
+                first_job = job_id
+            else:
+                # Memory storage: the first run's jobs went with its broker (documented).
+                assert gateway.status(first_job).status_code == 404
+            ctrl_c(up)
+        finally:
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+    first, second = ((tmp_path / f"up-{run}.log").read_text() for run in (1, 2))
+    assert "discarding local table state" not in first
+    assert second.count("discarding local table state") == 1
+    assert "ConsistencyError" not in second
 
 
 def test_sigterm_to_up_stops_its_children(tmp_path: Path) -> None:
