@@ -6,11 +6,9 @@ and discarded only within a bound."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captionstream.settings import GatewaySettings
 from gateway.app import create_app
 from gateway.body_limit import DRAIN_LIMIT_FACTOR, MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
+from tests.unit.uvicorn_server import serving
 
 LIMIT = 10_000
 # With the ASGI transport a body is read as fast as it is produced: the drain bound
@@ -173,28 +171,6 @@ def gateway_app() -> BodyMeter:
     settings = GatewaySettings()
     assert settings.max_upload_bytes == 5 * MIB
     return BodyMeter(create_app(settings))
-
-
-@contextlib.asynccontextmanager
-async def serving(app: ASGIApp, http: str) -> AsyncIterator[str]:
-    """`app` on a real uvicorn server (h11 or httptools) on a free port, in this loop."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=http, lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def multipart(size: int) -> dict[str, Any]:
