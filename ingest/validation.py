@@ -1,4 +1,4 @@
-"""Image validation judged by decoding the content, never by trusting the file name.
+"""Image validation judged by decoding the content, never by the file name.
 
 `inspect_image` is pure and synchronous (Pillow); `validate_image` runs it in a worker
 thread so that decoding a large upload never blocks the event loop.
@@ -6,18 +6,21 @@ thread so that decoding a large upload never blocks the event loop.
 Hostile input must cost little, so the checks run cheapest first and each is bounded by
 the upload's byte size, never by what its headers claim:
 
-1. the file name's extension (a cheap filter; the content decides the type);
-2. the byte size; then, before Pillow opens the file, the two formats whose headers
+1. the byte size; then, before Pillow opens the file, the two formats whose headers
    can make opening it expensive: the pictures an ICO embeds (Pillow decodes one on
    open) and compressed PNG metadata (text and ICC chunks, inflated with a cap);
-3. the format, found by the trusted Pillow decoders only (SVG, PDF, HTML, ... get 415);
-4. the pixel count of the first frame, its longest side, and the frame count (GIF,
+2. the format, found by the trusted Pillow decoders only (SVG, PDF, HTML, ... get 415);
+3. the pixel count of the first frame, its longest side, and the frame count (GIF,
    APNG, WebP, TIFF, MPO; only the first frame is captioned): all 413;
-5. the data: JPEG is decoded at 1/8 scale (DCT scaling), which finds a truncated upload
+4. the data: JPEG is decoded at 1/8 scale (DCT scaling), which finds a truncated upload
    at a fraction of a full decode's cost (skipped for large progressive JPEGs, whose
    decoder buffers every coefficient at full size); PNG chunk checksums are verified.
    Other formats are checked structurally; what only a full decode could find fails
    the job at processing (`processor.pipeline.decode_rgb`) with its reason.
+
+The file name plays no part: a valid image is accepted under any name or none (a
+browser's `FormData.append("file", blob)` names it `blob`), and a non-image named
+`cat.jpg` is refused by the format check.
 
 An accepted file is stored byte-for-byte as uploaded: metadata (EXIF, text chunks) and
 trailing bytes (a ZIP or a script after the image: a polyglot) are kept, and the content
@@ -34,7 +37,6 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -44,7 +46,8 @@ from captionstream.errors import ImageRejected, ImageTooLarge, UnsupportedImage
 if TYPE_CHECKING:
     from captionstream.settings import IngestSettings
 
-# Extensions accepted on upload names (the reference service's list, plus .webp).
+# The usual file name extensions of the formats below. Not a check on uploads (the
+# content decides); bulk ingest uses it to pick the candidate files in a directory.
 ALLOWED_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".tif", ".ico", ".webp"}
 )
@@ -116,21 +119,10 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def check_filename(filename: str | None) -> None:
-    """Refuse names whose extension is not an image type (cheap, before decoding).
-
-    The name is never used for anything else: not for the type, not for where the bytes
-    are stored (the blob store is content-addressed)."""
-    if not filename:
-        return  # no name (e.g. a URL or a raw body): the content alone decides
-    ext = PurePath(filename).suffix.lower()
-    if ext not in ALLOWED_EXTENSIONS:
-        allowed = ", ".join(sorted(ALLOWED_EXTENSIONS))
-        raise UnsupportedImage(f"file extension {ext or '(none)'!r} not allowed; use {allowed}")
-
-
 def inspect_image(data: bytes, filename: str | None, limits: ImageLimits) -> ValidatedImage:
-    check_filename(filename)
+    """Validate an upload by its content. `filename` is accepted for the callers' sake
+    and ignored: it decides neither the type nor where the bytes are stored (the blob
+    store is content-addressed)."""
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
     if not data:

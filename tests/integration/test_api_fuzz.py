@@ -242,8 +242,14 @@ def png_declaring_ten_gigapixels() -> bytes:
 
 @pytest.mark.parametrize(
     "filename",
-    ["../../etc/passwd.png", "..%2F..%2Fetc%2Fpasswd.png", "/etc/cron.d/evil.png", "a\0b.png"],
-    ids=["dot-dot", "encoded", "absolute", "nul"],
+    [
+        "../../etc/passwd.png",
+        "..%2F..%2Fetc%2Fpasswd.png",
+        "/etc/cron.d/evil.png",
+        "a\0b.png",
+        "../../etc/cron.d/evil",
+    ],
+    ids=["dot-dot", "encoded", "absolute", "nul", "no-extension"],
 )
 def test_multipart_file_name_cannot_pick_where_the_blob_is_stored(
     fuzzed_gateway: Gateway, stack: Stack, filename: str
@@ -280,6 +286,7 @@ def test_multipart_file_name_cannot_pick_where_the_blob_is_stored(
     assert outside == []
     assert not Path("/etc/passwd.png").exists()
     assert not Path("/etc/cron.d/evil.png").exists()
+    assert not Path("/etc/cron.d/evil").exists()
 
 
 @pytest.mark.parametrize(
