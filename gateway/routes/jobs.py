@@ -19,6 +19,8 @@ from fastapi import (
     Form,
     Header,
     HTTPException,
+    Query,
+    Request,
     Response,
     UploadFile,
     WebSocket,
@@ -261,14 +263,87 @@ def _known(view: ViewDep, job_id: str) -> JobState:
     return state
 
 
+# `?wait=` is bounded so that a held request stays well inside the read timeouts of
+# clients and proxies (often 60 s or more); a client wanting longer asks again.
+STATUS_WAIT_MAX_S = 60
+# Polling clients are told to ask again after this long: a model run takes about a
+# second, and Retry-After has whole seconds, so 1 s means no finished job is noticed late
+# by more than a second. Clients that want no delay at all use `?wait=` or a push channel.
+STATUS_RETRY_AFTER_S = 1
+
+STATUS_OK = {
+    "description": "The job's current status (after `wait`, the status it reached).",
+    "headers": {
+        "Retry-After": {
+            "description": "Only while the job is unfinished (PENDING, STARTED, RETRY): "
+            "seconds to wait before asking again.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
 @router.get(
     "/status/{job_id}",
     response_model=JobStatusResponse,
-    responses=error_responses(*STATUS_ERRORS),
-    summary="The current status of a job",
+    responses={200: STATUS_OK, **error_responses(*STATUS_ERRORS)},
+    summary="The current status of a job (optionally waiting until it finishes)",
 )
-async def job_status(job_id: str, view: ViewDep) -> JobStatusResponse:
-    return JobStatusResponse.from_state(_known(view, job_id))
+async def job_status(
+    job_id: str,
+    view: ViewDep,
+    request: Request,
+    response: Response,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=STATUS_WAIT_MAX_S,
+            description="Seconds to hold the request until the job is SUCCESS or FAILURE "
+            f"(0 to {STATUS_WAIT_MAX_S}; fractions allowed); the answer then comes as soon "
+            "as the job finishes, or after `wait` seconds with its unfinished status. "
+            "A job that expires meanwhile is a 404 when the wait ends.",
+            examples=[30],
+        ),
+    ] = 0,
+) -> JobStatusResponse:
+    """The job's status. An unfinished job's answer carries `Retry-After` (seconds) for
+    clients that poll; with `?wait=N` one request replaces the polling: it is answered
+    when the job finishes, or after N seconds (200 either way, the same body)."""
+    state = _known(view, job_id)
+    if wait > 0 and not state.status.terminal:
+        await _until_finished(view, job_id, wait, request)
+        state = _known(view, job_id)  # expired during the wait: 404, as without it
+    if not state.status.terminal:
+        response.headers["Retry-After"] = str(STATUS_RETRY_AFTER_S)
+    return JobStatusResponse.from_state(state)
+
+
+async def _until_finished(view: JobView, job_id: str, timeout_s: float, request: Request) -> None:
+    """Return when the view shows the job terminal, after `timeout_s`, or as soon as the
+    client disconnects. The view pushes each change to its subscribers (no polling); the
+    subscription ends with this call, whichever way it returns."""
+
+    async def finished() -> None:
+        async for _ in view.follow(job_id):  # ends after the terminal state
+            pass
+
+    follow = asyncio.create_task(finished(), name=f"status-wait-{job_id}")
+    gone = asyncio.create_task(_http_client_gone(request), name=f"status-wait-gone-{job_id}")
+    try:
+        await asyncio.wait({follow, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (follow, gone):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _http_client_gone(request: Request) -> None:
+    """Return when the client of this (bodiless) request disconnects: the server's
+    `receive` then answers `http.disconnect`; until then it waits."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.delete(

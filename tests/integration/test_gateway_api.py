@@ -4,6 +4,7 @@ readiness, metrics, jobs by URL, and upload limits enforced while streaming."""
 from __future__ import annotations
 
 import functools
+import io
 import os
 import select
 import signal
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import websockets
 from aiokafka import AIOKafkaProducer
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionstream.broker import EmbeddedBroker, free_port
@@ -169,6 +171,27 @@ async def test_metrics_count_open_websockets(stack: Stack, gateway: Gateway) -> 
     wait_until(lambda: sample(scrape(gateway), name) == 0, 10, "the gauge to drop on close")
 
 
+# --- status: one waiting request instead of polling --------------------------------
+
+
+def test_one_status_request_with_wait_gets_the_caption(gateway: Gateway, worker: Component) -> None:
+    """Upload, then a single `?wait=30`: held on the gateway's view until the worker's
+    SUCCESS arrives through Kafka, answered with the caption, no Retry-After."""
+    response = gateway.upload(make_noise_png(32, 24))  # random: never a cache hit
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "PENDING"
+    job_id = response.json()["job_id"]
+    started = time.monotonic()
+    status = httpx.get(f"{gateway.url}/api/v1/status/{job_id}", params={"wait": 30}, timeout=40)
+    elapsed = time.monotonic() - started
+    assert status.status_code == 200, status.text
+    body = status.json()
+    assert body["status"] == "SUCCESS", body
+    assert isinstance(body["result"]["caption"], str)
+    assert "retry-after" not in status.headers
+    assert elapsed < 29, f"answered when the job finished ({elapsed:.1f} s), not at the bound"
+
+
 # --- jobs by URL ----------------------------------------------------------------------
 
 
@@ -314,6 +337,58 @@ def test_bad_url_submissions(
     response = httpx.post(f"{limited.url}/api/v1/jobs", json=body, timeout=30)
     assert response.status_code == code, response.text
     assert needle in str(response.json()["detail"])
+
+
+# --- the content decides, not the file name ------------------------------------------
+
+
+def upload_as(gateway: Gateway, data: bytes, filename: str) -> httpx.Response:
+    """A multipart upload whose part says exactly `filename="..."` (httpx would leave an
+    empty name out)."""
+    boundary = "captionstream-name"
+    body = b"".join(
+        [
+            f"--{boundary}\r\n".encode(),
+            f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'.encode(),
+            b"Content-Type: application/octet-stream\r\n\r\n",
+            data,
+            f"\r\n--{boundary}--\r\n".encode(),
+        ]
+    )
+    return httpx.post(
+        f"{gateway.url}/api/v1/upload",
+        content=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=30,
+    )
+
+
+def make_jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (width, height, 90)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("filename", "size"),
+    [("blob", (21, 13)), ("photo", (22, 13)), ("image.txt", (23, 13)), ("", (24, 13))],
+    ids=["blob", "photo", "image.txt", "no-name"],
+)
+def test_a_jpeg_is_accepted_whatever_its_file_name(
+    gateway: Gateway, filename: str, size: tuple[int, int]
+) -> None:
+    """A browser's `FormData.append("file", blob)` names the file `blob`."""
+    response = upload_as(gateway, make_jpeg(*size), filename)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] in ("PENDING", "SUCCESS")  # SUCCESS: a cache hit
+
+
+def test_a_text_file_named_like_a_jpeg_is_415(gateway: Gateway) -> None:
+    response = upload_as(gateway, b"these are my notes, not a cat\n" * 20, "cat.jpg")
+    assert response.status_code == 415, response.text
+    assert response.json() == {
+        "detail": "content is not a supported image (JPEG, PNG, GIF, BMP, TIFF, ICO, WebP)"
+    }
 
 
 # --- upload size limit, enforced while the body streams --------------------------------
