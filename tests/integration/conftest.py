@@ -37,3 +37,9 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
 def worker(stack: Stack) -> Component:
     """One processor worker shared by the session (tests use distinct jobs)."""
     return stack.start_worker()
+
+
+# A real Apache Kafka (JVMs from Maven Central jars, captionstream.apache_kafka): the
+# session fixtures `apache_kafka` (1 node) and `apache_kafka_cluster` (3 nodes) live in
+# tests/integration/apache.py; importing them here is what lets pytest find them.
+from tests.integration.apache import apache_kafka, apache_kafka_cluster  # noqa: E402, F401
