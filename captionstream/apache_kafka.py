@@ -495,6 +495,10 @@ class ApacheKafkaCluster:
             return [f"-XX:SharedArchiveFile={archive}"]
         if node_id is None or self._dumping is not None:
             return []
+        for stale in archive.parent.glob(f"{archive.name}.*.partial"):  # left by a crash
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink()
         partial = archive.with_name(f"{archive.name}.{os.getpid()}-{node_id}.partial")
         self._dumping = (node_id, partial)
         # -Xlog: its many "skipping class" warnings at exit are noise in the node's log
