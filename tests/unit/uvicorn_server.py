@@ -19,7 +19,10 @@ async def serving(app: ASGIApp, http: str = "httptools") -> AsyncIterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, http=http, lifespan="off", log_level="warning"))
+    # No log_config / log_level: uvicorn would reconfigure its loggers process-wide, and
+    # tests that check logging after this one would see its settings.
+    config = uvicorn.Config(app, http=http, lifespan="off", log_config=None, log_level=None)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         for _ in range(500):
