@@ -18,6 +18,7 @@ from types import FrameType
 
 from captionstream.broker import EmbeddedBroker, die_with_parent, s3_env
 from captionstream.errors import CaptionstreamError
+from captionstream.kafka import KafkaConnection
 from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
@@ -193,7 +194,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             tail_captions(
-                settings.bootstrap,
+                KafkaConnection.from_settings(settings, "tail"),
                 sys.stdout,
                 from_beginning=args.from_beginning,
                 max_events=args.max,

@@ -29,6 +29,11 @@ class BrokerError(CaptionstreamError):
     retriable = True
 
 
+class TopicMismatch(ConfigurationError):
+    """An existing topic is not as planned (partitions, cleanup policy): no retry fixes
+    it, the topic or the setting must change."""
+
+
 # --- ingest ---------------------------------------------------------------------------
 
 

@@ -26,6 +26,14 @@ class KafkaProfile(enum.StrEnum):
     EMBEDDED = "embedded"  # The embedded Tansu broker: workarounds for its known defects.
 
 
+class KafkaCompression(enum.StrEnum):
+    NONE = "none"
+    GZIP = "gzip"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+    SNAPPY = "snappy"
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / (
         "captionstream"
@@ -47,6 +55,41 @@ class CommonSettings(BaseSettings):
         description="Client tuning profile; default `embedded` when kafka_bootstrap is "
         "unset, else `kafka`.",
     )
+    kafka_client_id: str = Field(
+        default="captionstream",
+        min_length=1,
+        description="Prefix of every Kafka client id; each component adds its role "
+        "(`captionstream-gateway`, `captionstream-processor`, ...), so broker logs, "
+        "metrics and quotas tell them apart.",
+    )
+    kafka_compression: KafkaCompression | None = Field(
+        default=None,
+        description="Producer compression: none, gzip, lz4, zstd or snappy. Unset: lz4 on "
+        "the kafka profile, none on the embedded broker.",
+    )
+    kafka_session_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Consumer groups: a member silent this long loses its partitions "
+        "(a killed worker's jobs move after it). Unset: 10 (kafka), 4 (embedded).",
+    )
+    kafka_heartbeat_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Consumer groups: how often members heartbeat. Unset: 3 (kafka), 1 (embedded).",
+    )
+    kafka_rebalance_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Consumer groups: how long members get to rejoin a rebalance. Unset: "
+        "the client library's default.",
+    )
+    kafka_group_instance_id: str | None = Field(
+        default=None,
+        description="Static group membership (`group.instance.id`): a member restarted "
+        "under the same id within the session timeout keeps its partitions, without a "
+        "rebalance. Must be unique per process.",
+    )
     data_dir: Path = Field(default_factory=_default_data_dir)
     job_ttl_s: float = Field(
         default=24 * 3600,
@@ -63,7 +106,12 @@ class CommonSettings(BaseSettings):
         description="`text` for humans, `json` for one JSON object per line (with job_id).",
     )
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic.")
-    replication_factor: int = Field(default=1, ge=1, description="Of topics this creates.")
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Of the topics this creates. Unset: the brokers' "
+        "`default.replication.factor` (the embedded broker: 1).",
+    )
 
     @field_validator("kafka_bootstrap", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from aiokafka.errors import KafkaError
 
-from captionstream.kafka import start_topic_reader, stop_consumer
+from captionstream.kafka import KafkaConnection, start_topic_reader, stop_consumer
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def event_line(raw: bytes | None) -> str | None:
 
 
 async def tail_captions(
-    bootstrap: str,
+    kafka: KafkaConnection,
     out: TextIO,
     *,
     from_beginning: bool = False,
@@ -48,7 +48,7 @@ async def tail_captions(
     topic: str = TOPICS.captions.name,
 ) -> int:
     """Print caption events until `max_events` were printed (or forever); returns the count."""
-    consumer = await start_topic_reader(bootstrap, topic, from_end=not from_beginning)
+    consumer = await start_topic_reader(kafka, topic, from_end=not from_beginning)
     log.info("reading %s from the %s", topic, "beginning" if from_beginning else "end")
     printed = 0
     try:

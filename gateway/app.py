@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from captionstream.errors import CaptionstreamError
-from captionstream.kafka import ensure_topics, submission_producer
+from captionstream.kafka import KafkaConnection, ensure_topics, own_topics
 from captionstream.settings import GatewaySettings
 from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
@@ -56,12 +56,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         allow_pixels(settings.max_pixels)
-        await ensure_topics(settings)
+        kafka = KafkaConnection.from_settings(settings, "gateway")
+        await ensure_topics(
+            kafka, own_topics(settings.partitions), replication_factor=settings.replication_factor
+        )
         # A submit waits at most kafka_timeout_s for Kafka before answering 503.
-        producer = submission_producer(settings, settings.kafka_timeout_s)
+        producer = kafka.producer(request_timeout_s=settings.kafka_timeout_s)
         await producer.start()
         view = JobView()
-        follower = JobStateFollower(view, settings.bootstrap, TOPICS.job_state.name)
+        follower = JobStateFollower(view, kafka, TOPICS.job_state.name)
         app_metrics = GatewayMetrics(view)
 
         def observe_terminal(state: JobState) -> None:
@@ -90,7 +93,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.webhooks = webhook_guard
             if settings.webhooks_enabled:
                 sender = WebhookSender(settings, webhook_guard, app_metrics)
-                dispatcher = WebhookDispatcher(settings, TOPICS.job_state.name, sender)
+                dispatcher = WebhookDispatcher(settings, kafka, TOPICS.job_state.name, sender)
                 await dispatcher.start()
             else:
                 log.info("webhooks off (CAPTIONSTREAM_WEBHOOK_SECRET is not set)")

@@ -14,10 +14,10 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from captionstream.kafka import assign_whole_topic, stop_consumer
+from captionstream.kafka import KafkaConnection, assign_whole_topic, stop_consumer
 from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
@@ -189,14 +189,10 @@ class JobView:
 class JobStateFollower:
     """Feeds a `JobView` from the job-state topic; `start()` returns once caught up."""
 
-    def __init__(self, view: JobView, bootstrap: str, topic: str) -> None:
+    def __init__(self, view: JobView, kafka: KafkaConnection, topic: str) -> None:
         self.view = view
         self.topic = topic
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
+        self.consumer = kafka.reader()
         self.caught_up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

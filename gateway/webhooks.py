@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import httpx
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from captionstream.errors import FetchError, WebhookRefused
-from captionstream.kafka import stop_consumer, tuning_for
+from captionstream.kafka import KafkaConnection, stop_consumer
 from captionstream.logging_config import job_context
 from captionstream.settings import GatewaySettings
 from gateway.metrics import GatewayMetrics
@@ -387,19 +387,18 @@ class WebhookDispatcher:
     SEEN_MAX = 10_000  # finished jobs remembered, so a repeated terminal state is skipped
 
     def __init__(
-        self, settings: GatewaySettings, topic: str, sender: WebhookSender, poll_ms: int = 500
+        self,
+        settings: GatewaySettings,
+        kafka: KafkaConnection,
+        topic: str,
+        sender: WebhookSender,
+        poll_ms: int = 500,
     ) -> None:
         self.topic = topic
         self.sender = sender
         self.max_in_flight = settings.webhook_max_in_flight
         self.poll_ms = poll_ms
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap,
-            group_id=settings.webhook_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            **tuning_for(settings.profile).aiokafka_consumer_kwargs(),
-        )
+        self.consumer = kafka.group_consumer(settings.webhook_group_id)
         self.offsets = OffsetTracker()
         self.deliveries: dict[asyncio.Task[str], TopicPartition] = {}
         self.seen: OrderedDict[tuple[str, datetime], None] = OrderedDict()

@@ -37,10 +37,11 @@ from pydantic import ValidationError
 
 from captionstream.errors import BrokerError, CaptionstreamError, ImageRejected, ImageTooLarge
 from captionstream.kafka import (
+    KafkaConnection,
     ensure_topics,
+    own_topics,
     start_topic_reader,
     stop_consumer,
-    submission_producer,
 )
 from captionstream.settings import BulkIngestSettings
 from gateway.publisher import KafkaJobPublisher
@@ -617,8 +618,11 @@ class BulkIngest:
     async def run(self, todo: list[WorkItem], resumed: Iterable[PendingJob]) -> Summary:
         settings = self.settings
         allow_pixels(settings.max_pixels)
-        await ensure_topics(settings)
-        producer = submission_producer(settings, settings.kafka_timeout_s)
+        kafka = KafkaConnection.from_settings(settings, "ingest")
+        await ensure_topics(
+            kafka, own_topics(settings.partitions), replication_factor=settings.replication_factor
+        )
+        producer = kafka.producer(request_timeout_s=settings.kafka_timeout_s)
         try:
             await producer.start()
         except (KafkaError, OSError) as exc:
@@ -627,7 +631,7 @@ class BulkIngest:
         consumer: AIOKafkaConsumer | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            consumer = await start_topic_reader(settings.bootstrap, TOPICS.job_state.name)
+            consumer = await start_topic_reader(kafka, TOPICS.job_state.name)
             now = time.monotonic()
             for job in resumed:
                 self.waiter.expect(job, now, holds_slot=False)

@@ -19,7 +19,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event as faust_current_event
 
-from captionstream.kafka import tuning_for
+from captionstream.kafka import KafkaConnection
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.captioner import Captioner
@@ -32,7 +32,7 @@ from processor.pipeline import (
     caption_batch,
     handle_batch,
 )
-from processor.tansu import use_fetch_highwaters
+from processor.transport import use_transport
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -180,17 +180,20 @@ def create_app(
     blobs: LocalBlobStore,
     datadir: Path,
     inference: InferenceThread,
+    kafka: KafkaConnection,
 ) -> ProcessorApp:
     """Wire the worker's Faust app. `inference` is the thread the captioner was loaded
-    on; every batch runs there too (see processor.inference for why it must be one)."""
-    tuning = tuning_for(settings.profile)
+    on; every batch runs there too (see processor.inference for why it must be one).
+    Every topic it uses exists before it starts (`captionstream.kafka.topics`)."""
     app = faust.App(
         settings.group_id,
-        broker=f"kafka://{settings.bootstrap}",
+        **kafka.faust_settings(),
         store="rocksdb://",
         datadir=str(datadir),
         topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
+        # The topic plan creates and checks every topic, Faust's own included: a worker
+        # needs no right to create topics, and nothing is created behind the plan's back.
+        topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         # Faust's web server carries /healthz, /readyz and /metrics, when a port is set.
         web_enabled=settings.metrics_port is not None,
@@ -200,10 +203,8 @@ def create_app(
         # alike: Faust's key encoding can never route a job differently than the gateway.
         key_serializer="raw",
         value_serializer="raw",
-        **tuning.faust_kwargs(),
     )
-    if tuning.highwaters_from_fetch:
-        use_fetch_highwaters(app)
+    use_transport(app, kafka)
 
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(

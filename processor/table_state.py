@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from aiokafka import TopicPartition
 
-from captionstream.kafka import fetch_highwaters, list_topics, read_record_at
+from captionstream.kafka import KafkaConnection, fetch_highwaters, list_topics, read_record_at
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +149,17 @@ class KafkaChangelogReader:
     """`ChangelogReader` on a real broker. End offsets come from fetch responses, which
     every broker gets right (ListOffsets is wrong on the embedded one: `fetch_highwaters`)."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaConnection) -> None:
+        self.kafka = kafka
 
     async def end_offsets(self, tps: list[TopicPartition]) -> Mapping[TopicPartition, int]:
         """A topic that does not exist (yet) ends at 0: Faust creates it empty."""
-        existing = await list_topics(self.bootstrap)
-        ends = await fetch_highwaters(self.bootstrap, [tp for tp in tps if tp.topic in existing])
+        existing = await list_topics(self.kafka)
+        ends = await fetch_highwaters(self.kafka, [tp for tp in tps if tp.topic in existing])
         return {tp: ends.get(tp, 0) for tp in tps}
 
     async def record_at(self, tp: TopicPartition, offset: int) -> ChangelogRecord | None:
-        record = await read_record_at(self.bootstrap, tp, offset)
+        record = await read_record_at(self.kafka, tp, offset)
         if record is None:
             return None
         return ChangelogRecord(record.offset, record.key, record.value)

@@ -13,7 +13,7 @@ from typing import IO
 import faust
 
 from captionstream.errors import ConfigurationError
-from captionstream.kafka import ensure_topics
+from captionstream.kafka import KafkaConnection, ensure_topics, topic_plan
 from captionstream.logging_config import LogFormat, adopt_library_output, faust_logging_config
 from captionstream.settings import ProcessorSettings
 from ingest.blobstore import LocalBlobStore
@@ -107,16 +107,21 @@ def run_worker(settings: ProcessorSettings) -> None:
     captioner = inference.call(load_captioner, settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(ensure_topics(settings))
+    kafka = KafkaConnection.from_settings(settings, "processor")
+    loop.run_until_complete(
+        ensure_topics(
+            kafka,
+            topic_plan(settings.partitions, settings.group_id),
+            replication_factor=settings.replication_factor,
+        )
+    )
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
     blobs = LocalBlobStore(settings.blob_dir)
-    processor = create_app(settings, captioner, blobs, datadir, inference)
+    processor = create_app(settings, captioner, blobs, datadir, inference, kafka)
     # Before Faust opens the tables: state its changelog no longer backs (a restarted
     # in-memory broker, a recreated topic) is dropped and rebuilt instead of crashing.
     loop.run_until_complete(
-        discard_stale_table_state(
-            processor.app, settings.partitions, KafkaChangelogReader(settings.bootstrap)
-        )
+        discard_stale_table_state(processor.app, settings.partitions, KafkaChangelogReader(kafka))
     )
     worker = faust.Worker(
         processor.app,

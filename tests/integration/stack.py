@@ -22,7 +22,8 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 
 from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
-from captionstream.kafka import assign_whole_topic, fetch_highwaters
+from captionstream.kafka import KafkaConnection, assign_whole_topic, fetch_highwaters
+from captionstream.settings import KafkaProfile
 from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
 from schemas.topics import TOPICS
 
@@ -180,7 +181,7 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[t
     try:
         tps = await assign_whole_topic(consumer, topic)
         # Not end_offsets(): ListOffsets is too low on the embedded broker's s3:// storage.
-        ends = await fetch_highwaters(bootstrap, tps)
+        ends = await fetch_highwaters(KafkaConnection(bootstrap, KafkaProfile.EMBEDDED), tps)
         records: list[tuple[bytes, bytes]] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:

@@ -10,8 +10,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from captionstream.broker import EmbeddedBroker, free_port
-from captionstream.kafka import assign_whole_topic, ensure_topics, stop_consumer
-from captionstream.settings import CommonSettings
+from captionstream.kafka import (
+    KafkaConnection,
+    assign_whole_topic,
+    ensure_topics,
+    own_topics,
+    stop_consumer,
+)
+from captionstream.settings import KafkaProfile
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Stack
@@ -43,9 +49,9 @@ async def test_a_reader_stops_cleanly_when_the_broker_has_just_left(tmp_path: Pa
     `stop_consumer` closes the consumer without letting that out."""
     broker = EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log").start()
     try:
-        settings = CommonSettings(kafka_bootstrap=broker.bootstrap)
+        kafka = KafkaConnection(broker.bootstrap, KafkaProfile.EMBEDDED)
         topic = TOPICS.captions
-        await ensure_topics(settings, (topic,))
+        await ensure_topics(kafka, [t for t in own_topics(4) if t.name == topic.name])
         readers = []
         for _ in range(2):
             # A long backoff keeps the failed fetch asleep while the reader stops.

@@ -8,6 +8,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from captionstream.broker import EmbeddedBroker
+from captionstream.kafka import KafkaConnection
+from captionstream.settings import KafkaProfile
 from processor.table_state import ChangelogRecord, KafkaChangelogReader
 
 
@@ -28,7 +30,7 @@ async def test_reader_finds_ends_and_the_record_at_an_offset(broker: EmbeddedBro
     finally:
         await producer.stop()
 
-    reader = KafkaChangelogReader(broker.bootstrap)
+    reader = KafkaChangelogReader(KafkaConnection(broker.bootstrap, KafkaProfile.EMBEDDED))
     p0, p1, missing = TopicPartition(topic, 0), TopicPartition(topic, 1), TopicPartition("nope", 0)
     assert await reader.end_offsets([p0, p1, missing]) == {p0: 4, p1: 0, missing: 0}
     assert await reader.record_at(p0, 1) == ChangelogRecord(1, b"k1", b"v1")

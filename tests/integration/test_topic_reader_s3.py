@@ -15,7 +15,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from captionstream.broker import EmbeddedBroker, free_port
-from captionstream.kafka import start_topic_reader
+from captionstream.kafka import KafkaConnection, start_topic_reader
+from captionstream.settings import KafkaProfile
 from tests.integration.stack import s3_server
 
 TOPIC = "reader-test"
@@ -50,7 +51,8 @@ async def test_reading_from_the_end_skips_every_earlier_record(
         finally:
             await probe.stop()
 
-        reader = await start_topic_reader(bootstrap, TOPIC, from_end=True)
+        kafka = KafkaConnection(bootstrap, KafkaProfile.EMBEDDED)
+        reader = await start_topic_reader(kafka, TOPIC, from_end=True)
         try:
             assert await reader.position(TopicPartition(TOPIC, 0)) == 15, (
                 f"ListOffsets said {listed}"

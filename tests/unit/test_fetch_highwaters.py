@@ -1,5 +1,6 @@
-"""The embedded profile's end offsets from fetch responses (captionstream/kafka.py,
-`ClientTuning.highwaters_from_fetch`; processor/tansu.py): wiring only, no broker."""
+"""The worker's Faust transport per profile (processor/transport.py): end offsets from
+fetch responses on the embedded broker, an idempotent producer on Kafka. Wiring only, no
+broker."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
-from yarl import URL
 
-import processor.tansu
-from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE
-from captionstream.settings import ProcessorSettings
+import processor.transport
+from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE, KafkaConnection
+from captionstream.settings import KafkaProfile, ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.app import create_app
 from processor.inference import InferenceThread
-from processor.tansu import FetchHighwaterConsumerThread, FetchHighwaterTransport
+from processor.transport import FetchHighwaterConsumerThread, IdempotentProducer
 
 
 def test_only_the_embedded_profile_reads_end_offsets_from_fetches() -> None:
@@ -28,43 +29,45 @@ def test_only_the_embedded_profile_reads_end_offsets_from_fetches() -> None:
 
 
 async def test_highwaters_come_from_fetch_responses(monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[tuple[str, list[TopicPartition]]] = []
+    asked: list[tuple[KafkaConnection, list[TopicPartition]]] = []
 
     async def fake_fetch_highwaters(
-        bootstrap: str, tps: Collection[TopicPartition], timeout_s: float = 30
+        kafka: KafkaConnection, tps: Collection[TopicPartition], timeout_s: float = 30
     ) -> dict[TopicPartition, int]:
-        asked.append((bootstrap, list(tps)))
+        asked.append((kafka, list(tps)))
         return {tp: 100 + tp.partition for tp in tps}
 
-    monkeypatch.setattr(processor.tansu, "fetch_highwaters", fake_fetch_highwaters)
-    thread: Any = SimpleNamespace(
-        consumer=SimpleNamespace(in_transaction=False),
-        transport=SimpleNamespace(url=[URL("kafka://127.0.0.1:9555"), URL("kafka://other")]),
-    )
+    monkeypatch.setattr(processor.transport, "fetch_highwaters", fake_fetch_highwaters)
+    kafka = KafkaConnection("127.0.0.1:9555,other:9092", KafkaProfile.EMBEDDED)
+    thread: Any = SimpleNamespace(consumer=SimpleNamespace(in_transaction=False), kafka=kafka)
     tps = [TP("jobs-changelog", 0), TP("jobs-changelog", 3)]
     ends = await FetchHighwaterConsumerThread._highwaters(thread, tps)
     assert ends == {tps[0]: 100, tps[1]: 103}
     assert all(isinstance(tp, TP) for tp in ends)  # Faust's own type, as Faust keys by it
     assert asked == [
-        (
-            "127.0.0.1:9555,other:9092",
-            [TopicPartition("jobs-changelog", 0), TopicPartition("jobs-changelog", 3)],
-        )
+        (kafka, [TopicPartition("jobs-changelog", 0), TopicPartition("jobs-changelog", 3)])
     ]
 
 
-@pytest.mark.parametrize(("profile", "fetching"), [("embedded", True), ("kafka", False)])
+@pytest.mark.parametrize(
+    ("profile", "fetching", "idempotent"), [("embedded", True, False), ("kafka", False, True)]
+)
 def test_worker_transport_follows_the_profile(
-    profile: str, fetching: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    profile: str, fetching: bool, idempotent: bool, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CAPTIONSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9555")
-    monkeypatch.setenv("CAPTIONSTREAM_KAFKA_PROFILE", profile)
+    settings = ProcessorSettings(kafka_bootstrap="127.0.0.1:9555", kafka_profile=profile)
+    kafka = KafkaConnection.from_settings(settings, "processor")
     captioner: Any = SimpleNamespace(name="fake")
     app = create_app(
-        ProcessorSettings(),
+        settings,
         captioner,
         LocalBlobStore(tmp_path / "blobs"),
         tmp_path / "state",
         InferenceThread(),
+        kafka,
     ).app
-    assert isinstance(app.transport, FetchHighwaterTransport) is fetching
+    assert (app.transport.Consumer is not faust_aiokafka.Consumer) is fetching
+    extra = app.producer._settings_extra()
+    assert (extra.get("enable_idempotence") is True) is idempotent
+    assert isinstance(app.producer, IdempotentProducer) is idempotent
+    assert app.conf.topic_allow_declare is False

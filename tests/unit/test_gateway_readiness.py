@@ -7,6 +7,8 @@ from __future__ import annotations
 from aiokafka import AIOKafkaClient
 
 from captionstream.broker import free_port
+from captionstream.kafka import KafkaConnection
+from captionstream.settings import KafkaProfile
 from gateway.readiness import Readiness
 from gateway.view import JobStateFollower, JobView
 
@@ -15,7 +17,8 @@ async def test_unreachable_broker_and_stopped_follower_are_not_ready() -> None:
     bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     view = JobView()
-    follower = JobStateFollower(view, bootstrap, "captionstream.job-state.v1")
+    kafka = KafkaConnection(bootstrap, KafkaProfile.EMBEDDED)
+    follower = JobStateFollower(view, kafka, "captionstream.job-state.v1")
     readiness = Readiness(client, follower, timeout_s=1.0)
     try:
         broker, job_view = await readiness.checks()

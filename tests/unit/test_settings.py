@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from captionstream.kafka import (
-    EMBEDDED_PROFILE,
-    KAFKA_PROFILE,
-    ClientTuning,
-    topic_config,
-    tuning_for,
-)
+from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE, topic_config, tuning_for
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
     CommonSettings,
@@ -97,28 +91,6 @@ def test_settings_validate_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAPTIONSTREAM_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="max_batch_size"):
         ProcessorSettings()
-
-
-def test_embedded_tuning() -> None:
-    tuning = tuning_for(KafkaProfile.EMBEDDED)
-    assert tuning is EMBEDDED_PROFILE
-    assert tuning.producer_max_batch_size == 1
-    kwargs = tuning.faust_kwargs()
-    assert kwargs["producer_max_batch_size"] == 1
-    assert kwargs["broker_session_timeout"] == tuning.session_timeout_s
-    assert kwargs["broker_heartbeat_interval"] == tuning.heartbeat_interval_s
-    assert tuning.session_timeout_s is not None
-    assert tuning.heartbeat_interval_s is not None
-    assert tuning.heartbeat_interval_s < tuning.session_timeout_s
-    assert tuning.aiokafka_producer_kwargs() == {"max_batch_size": 1}
-
-
-def test_kafka_tuning_is_library_defaults() -> None:
-    tuning = tuning_for(KafkaProfile.KAFKA)
-    assert tuning is KAFKA_PROFILE
-    assert tuning == ClientTuning()
-    assert tuning.faust_kwargs() == {}
-    assert tuning.aiokafka_producer_kwargs() == {}
 
 
 def test_tuning_follows_settings(monkeypatch: pytest.MonkeyPatch) -> None:

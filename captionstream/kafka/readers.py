@@ -1,0 +1,151 @@
+"""Reading topics without a consumer group: whole topics, end offsets, single records.
+
+For the gateway's view, tools (`tail`, bulk ingest) and the worker's start-up checks.
+End offsets come from fetch responses (`fetch_highwaters`), which every broker answers
+right; ListOffsets alone is wrong on the embedded broker (see `profiles.ClientTuning`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from captionstream.errors import BrokerError
+from captionstream.kafka.connection import KafkaConnection
+
+log = logging.getLogger(__name__)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, minus aiokafka's stray CancelledError when the broker just left.
+
+    aiokafka's `Fetcher.close()` cancels its pending fetches and awaits each; a fetch that
+    failed (broker gone) and is sleeping out `retry_backoff_ms` does not catch that
+    cancellation, so `stop()` raises CancelledError. Ctrl-C on `captionstream up` stops
+    the broker and the gateway at once and hit exactly that: the gateway's shutdown
+    failed and `up` exited 1. The consumer is closed by then except for its connections,
+    which are closed here. A cancellation of the caller itself still propagates.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        log.info("Kafka consumer stopped while a fetch waited out its retry backoff")
+        with contextlib.suppress(Exception):
+            await consumer._client.close()
+
+
+async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of `topic` to a group-less consumer, from the beginning.
+
+    For readers that need the whole topic (the gateway's view, tools, tests).
+    """
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer.topics()  # refreshes metadata
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise BrokerError(f"topic {topic!r} does not exist")
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return tps
+
+
+async def start_topic_reader(
+    connection: KafkaConnection, topic: str, *, from_end: bool = False
+) -> AIOKafkaConsumer:
+    """A started group-less consumer holding every partition of `topic`, positioned at the
+    beginning or at the end. The end is the fetch high watermark (`fetch_highwaters`), not
+    ListOffsets alone, which the embedded broker answers too low on s3:// storage (and on
+    memory:// when a produce batch held several records). For tools that read a whole
+    topic; the caller stops it.
+    """
+    consumer = connection.reader()
+    try:
+        await consumer.start()
+        tps = await assign_whole_topic(consumer, topic)
+        if from_end:
+            for tp, end in (await fetch_highwaters(connection, tps)).items():
+                consumer.seek(tp, end)
+    except (KafkaError, OSError) as exc:
+        await stop_consumer(consumer)
+        raise BrokerError(
+            f"cannot read {topic} from Kafka at {connection.bootstrap} ({exc!r}); start it with "
+            "`captionstream broker` or set CAPTIONSTREAM_KAFKA_BOOTSTRAP"
+        ) from exc
+    except BaseException:
+        await stop_consumer(consumer)
+        raise
+    return consumer
+
+
+async def fetch_highwaters(
+    connection: KafkaConnection, tps: Collection[TopicPartition], timeout_s: float = 30
+) -> dict[TopicPartition, int]:
+    """The end offset of each partition, as the high watermark of a fetch response.
+
+    What `end_offsets()` answers on a sound broker; on the embedded broker with s3://
+    storage ListOffsets can answer too low (see `profiles.ClientTuning.highwaters_from_fetch`)
+    while fetches are right. A group-less consumer of its own fetches from ListOffsets'
+    answer (at most the end, so only the tail is read) and keeps the high watermark.
+    """
+    if not tps:
+        return {}
+    consumer = connection.reader()
+    await consumer.start()
+    try:
+        consumer.assign(list(tps))
+        listed = await consumer.end_offsets(list(tps))
+        for tp, offset in listed.items():
+            consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while missing := [tp for tp in tps if consumer.highwater(tp) is None]:
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerError(f"no fetch response for {missing} within {timeout_s}s")
+            await consumer.getmany(*missing, timeout_ms=200, max_records=1)
+        return {tp: max(listed[tp], consumer.highwater(tp)) for tp in tps}
+    finally:
+        await stop_consumer(consumer)
+
+
+async def read_record_at(
+    connection: KafkaConnection, tp: TopicPartition, offset: int, timeout_s: float = 10
+) -> ConsumerRecord[bytes, bytes] | None:
+    """The first record of `tp` at or after `offset` (compaction may have removed the one
+    at `offset`), or None when there is none before the partition's end."""
+    consumer = connection.reader()
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+            records = batches.get(tp, [])
+            if records:
+                return records[0]
+            highwater = consumer.highwater(tp)
+            if highwater is not None and offset >= highwater:
+                return None
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerError(f"no record of {tp} at offset {offset} within {timeout_s}s")
+    finally:
+        await stop_consumer(consumer)
+
+
+async def list_topics(connection: KafkaConnection) -> set[str]:
+    """The names of the topics the cluster has."""
+    consumer = connection.reader()
+    await consumer.start()
+    try:
+        return set(await consumer.topics())
+    finally:
+        await stop_consumer(consumer)
