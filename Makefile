@@ -3,10 +3,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build, found on this machine's disk; installing it first means the `torch` range in
-# pyproject.toml is already satisfied and pip never fetches a multi-GB CUDA build.
+# Pinned, and installed first so that the `torch` range in pyproject.toml is already
+# satisfied. From PyPI this is the CUDA build (~2.8 GB of wheels with its nvidia-* and
+# triton dependencies; it runs on the CPU too).
 TORCH_SPEC ?= torch==2.13.0
+# Every wheel is kept here: the package index answers with no-store, so pip's own cache
+# keeps nothing, and each new venv (a fresh clone, `make clean`) would download it all
+# again. The first install fills it (about 5 min here); later ones install from disk.
+WHEELS ?= $(HOME)/.cache/captionstream/wheels
 STAMP := $(VENV)/.installed
+PIP_OFFLINE = $(BIN)/pip install -q --no-compile --no-index --find-links $(WHEELS)
 
 .PHONY: install chromium run test test-unit soak lint format schemas bench clean
 
@@ -14,8 +20,13 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	@# From the wheel cache alone when it has everything (about 1.5 min); otherwise fill it
+	@# first (a first install downloads ~2.8 GB, about 5 min here), then install from it.
+	$(PIP_OFFLINE) "$(TORCH_SPEC)" -e ".[dev]" 2>/dev/null || { \
+	  echo "downloading wheels into $(WHEELS) (first install: ~2.8 GB)"; \
+	  $(BIN)/pip download -q -d $(WHEELS) --find-links $(WHEELS) \
+	    "$(TORCH_SPEC)" ".[dev]" "setuptools>=68" && \
+	  $(PIP_OFFLINE) "$(TORCH_SPEC)" -e ".[dev]"; }
 	touch $(STAMP)
 
 # Debian's Chromium for the demo page's browser test (tests/integration/test_demo_page.py),
