@@ -8,7 +8,6 @@ right; ListOffsets alone is wrong on the embedded broker (see `profiles.ClientTu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Collection
 
@@ -16,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from captionstream.errors import BrokerError
+from captionstream.kafka.compat import close_connections, track_topic
 from captionstream.kafka.connection import KafkaConnection
 
 log = logging.getLogger(__name__)
@@ -38,21 +38,27 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         if current is not None and current.cancelling():
             raise
         log.info("Kafka consumer stopped while a fetch waited out its retry backoff")
-        with contextlib.suppress(Exception):
-            await consumer._client.close()
+        await close_connections(consumer)
 
 
-async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+async def assign_whole_topic(
+    consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 10
+) -> list[TopicPartition]:
     """Assign every partition of `topic` to a group-less consumer, from the beginning.
 
-    For readers that need the whole topic (the gateway's view, tools, tests).
+    For readers that need the whole topic (the gateway's view, tools, tests). A topic
+    just created may take a moment to reach every broker's metadata: asked again until
+    `timeout_s`.
     """
+    deadline = asyncio.get_running_loop().time() + timeout_s
     partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        await consumer.topics()  # refreshes metadata
+    while not partitions:
+        await track_topic(consumer, topic)
         partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        raise BrokerError(f"topic {topic!r} does not exist")
+        if not partitions and asyncio.get_running_loop().time() > deadline:
+            raise BrokerError(f"topic {topic!r} does not exist")
+        if not partitions:
+            await asyncio.sleep(0.2)
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)

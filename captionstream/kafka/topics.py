@@ -197,7 +197,7 @@ async def ensure_topics(
         if missing:
             rf = await _replication_factor(admin, replication_factor, connection.profile)
             created = await _create(admin, missing, rf)
-            described = await _partition_counts(admin, [t.name for t in plan])
+            described = await _until_visible(admin, [t.name for t in plan], timeout_s)
         configs = await _topic_configs(admin, connection.profile, [t.name for t in plan])
         problems = check_existing(plan, described, configs)
         if problems:
@@ -207,8 +207,11 @@ async def ensure_topics(
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
-    """name -> partition count of the topics that exist."""
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, names: list[str], with_leaders: bool = False
+) -> dict[str, int]:
+    """name -> partition count of the topics that exist (`with_leaders`: and whose every
+    partition has a leader, i.e. can be written and read)."""
     existing = set(await admin.list_topics())
     wanted = [name for name in names if name in existing]
     if not wanted:
@@ -217,7 +220,26 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
         topic["topic"]: len(topic["partitions"])
         for topic in await admin.describe_topics(wanted)
         if topic["error_code"] == 0
+        and topic["partitions"]
+        and not (with_leaders and any(p["leader"] < 0 for p in topic["partitions"]))
     }
+
+
+async def _until_visible(
+    admin: AIOKafkaAdminClient, names: list[str], timeout_s: float
+) -> dict[str, int]:
+    """Partition counts once every topic in `names` shows in metadata with a leader for
+    each partition: a broker applies a topic its controller created a moment later
+    (KRaft), and a client that asks first finds no such topic, or no leader."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        described = await _partition_counts(admin, names, with_leaders=True)
+        missing = [name for name in names if name not in described]
+        if not missing:
+            return described
+        if asyncio.get_running_loop().time() > deadline:
+            raise BrokerError(f"topics created but not in the cluster's metadata: {missing}")
+        await asyncio.sleep(0.1)
 
 
 async def _topic_configs(
