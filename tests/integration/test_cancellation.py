@@ -12,13 +12,16 @@ import pytest
 from tests.conftest import make_png
 from tests.integration.stack import Stack, own_stack
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 BACKLOG = 24
 
 
 @pytest.fixture
-def busy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def busy_stack(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[Stack]:
     with own_stack(
         tmp_path_factory.mktemp("cancel"),
+        broker_kind=broker_kind,
         CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
         CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.15",
     ) as stack:

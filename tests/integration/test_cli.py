@@ -3,15 +3,21 @@ without orphans, and failing fast on a bad model setting."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
+import websockets
 
 from captionstream.broker import free_port
+from schemas.events import decode_caption_event
+from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Gateway, wait_until
 
@@ -53,14 +59,17 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_up_once(tmp_path: Path, log_path: Path) -> tuple[Gateway, subprocess.Popen[bytes]]:
-    """Start `captionstream up` as a terminal would, on tmp_path's data dir; return once
-    its gateway and worker serve."""
+def run_up_once(
+    tmp_path: Path, log_path: Path, *args: str
+) -> tuple[Gateway, subprocess.Popen[bytes]]:
+    """Start `captionstream up ARGS` as a terminal would, on tmp_path's data dir; return
+    once its gateway and worker serve."""
     port = free_port()
     env = clean_env(tmp_path, CAPTIONSTREAM_MODEL="tiny-blip", CAPTIONSTREAM_PORT=str(port))
+    args = args or ("--broker-port", str(free_port()))
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "captionstream", "up", "--broker-port", str(free_port())],
+            [sys.executable, "-m", "captionstream", "up", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -124,6 +133,61 @@ def test_up_ctrl_c_leaves_no_process_and_a_second_up_serves_as_the_first(
     assert "discarding local table state" not in first
     assert second.count("discarding local table state") == 1
     assert "ConsistencyError" not in second
+
+
+@pytest.mark.brokers("apache")
+async def test_up_on_apache_kafka_serves_and_downstream_consumers_read_captions(
+    tmp_path: Path, broker_kind: str
+) -> None:
+    """`captionstream up --broker apache`: upload -> WebSocket -> status on a real Apache
+    Kafka, whose captions topic a plain librdkafka consumer (confluent-kafka) reads, as
+    a downstream service would. Ctrl-C leaves no process, the JVM included."""
+    from confluent_kafka import Consumer
+
+    from tests.integration.apache import require_apache_kafka
+
+    require_apache_kafka()
+    log_path = tmp_path / "up.log"
+    gateway, up = run_up_once(tmp_path, log_path, "--broker", "apache")
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            uploaded = await http.post("/api/v1/upload", files={"file": ("a.png", make_png())})
+        job_id = uploaded.json()["job_id"]
+        async with websockets.connect(f"{gateway.ws_url}/api/v1/ws/{job_id}") as ws:
+            pushed = [json.loads(message) async for message in ws]
+        assert pushed[-1]["status"] == "SUCCESS", pushed
+        status = gateway.status(job_id).json()
+        assert status["result"] == pushed[-1]["result"]
+
+        layout = json.loads((tmp_path / "data" / "apache-kafka" / "cluster.json").read_text())
+        bootstrap = ",".join(f"127.0.0.1:{n['client']}" for n in layout["nodes"].values())
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "downstream-test",
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
+        consumer.subscribe([TOPICS.captions.name])
+        events = []
+        try:
+            deadline = time.monotonic() + 30
+            while not events and time.monotonic() < deadline:
+                message = consumer.poll(1.0)
+                if message is not None and message.error() is None:
+                    events.append(decode_caption_event(message.value()))
+        finally:
+            consumer.close()
+        assert [(e.job_id, getattr(e, "caption", None)) for e in events] == [
+            (job_id, status["result"]["caption"])
+        ]
+        ctrl_c(up)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+    assert "Apache Kafka 4.4.0" in log_path.read_text()
 
 
 def test_sigterm_to_up_stops_its_children(tmp_path: Path) -> None:

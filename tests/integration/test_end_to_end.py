@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import websockets
-from aiokafka import AIOKafkaProducer
 
-from captionstream.broker import EmbeddedBroker
 from schemas.events import (
     CaptionProduced,
     ImageSubmitted,
@@ -21,12 +20,12 @@ from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Component, Stack, read_topic
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 ORDER = ["PENDING", "STARTED", "SUCCESS"]
 
 
-async def test_upload_push_caption_event_and_status(
-    stack: Stack, worker: Component, broker: EmbeddedBroker
-) -> None:
+async def test_upload_push_caption_event_and_status(stack: Stack, worker: Component) -> None:
     gateway = stack.start_gateway()
     response = gateway.upload(make_png(80, 60), "cat.png")
     assert response.status_code == 202, response.text
@@ -48,7 +47,7 @@ async def test_upload_push_caption_event_and_status(
     assert isinstance(caption, str)
 
     # Downstream consumers read the same result from the public captions topic.
-    records = await read_topic(broker.bootstrap, TOPICS.captions.name)
+    records = await read_topic(stack.bootstrap, TOPICS.captions.name)
     events = [decode_caption_event(v) for k, v in records if k == job_id.encode()]
     assert len(events) == 1
     [event] = events
@@ -64,7 +63,7 @@ async def test_upload_push_caption_event_and_status(
 
 
 async def test_missing_image_fails_its_job_and_worker_lives_on(
-    stack: Stack, worker: Component, broker: EmbeddedBroker
+    stack: Stack, worker: Component
 ) -> None:
     """An event whose image is gone ends FAILURE with a reason; the next job still works."""
     gateway = stack.start_gateway()
@@ -78,7 +77,7 @@ async def test_missing_image_fails_its_job_and_worker_lives_on(
         sha256="0" * 64,
         submitted_at=utcnow(),
     )
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_batch_size=1)
+    producer = stack.kafka.producer()
     await producer.start()
     try:
         key = ghost.job_id.encode()

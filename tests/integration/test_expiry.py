@@ -12,13 +12,16 @@ import pytest
 from tests.conftest import make_png
 from tests.integration.stack import Stack, own_stack, wait_until
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 TTL_S = 3.0
 
 
 @pytest.fixture
-def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def short_lived(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[Stack]:
     with own_stack(
         tmp_path_factory.mktemp("ttl"),
+        broker_kind=broker_kind,
         CAPTIONSTREAM_JOB_TTL_S=str(TTL_S),
         CAPTIONSTREAM_JANITOR_INTERVAL_S="0.5",
     ) as stack:

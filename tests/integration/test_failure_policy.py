@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import websockets
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from captionstream.kafka import assign_whole_topic
 from schemas.topics import TOPICS, Headers
@@ -20,11 +20,16 @@ from tests.conftest import make_png
 from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE
 from tests.integration.stack import Gateway, Stack, own_stack, wait_until
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 
 @pytest.fixture(scope="module")
-def flaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Gateway]]:
+def flaky(
+    tmp_path_factory: pytest.TempPathFactory, broker_kind: str
+) -> Iterator[tuple[Stack, Gateway]]:
     with own_stack(
         tmp_path_factory.mktemp("flaky"),
+        broker_kind=broker_kind,
         CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create",
         CAPTIONSTREAM_MAX_ATTEMPTS="3",
         CAPTIONSTREAM_RETRY_BACKOFF_S="0.2",
@@ -82,7 +87,7 @@ async def test_exhausted_retries_fail_the_job_and_dead_letter_the_event(
     assert gateway.wait_terminal(fine)["status"] == "SUCCESS"
 
     # Garbage on the images topic is dead-lettered too, and the worker carries on.
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, max_batch_size=1)
+    producer = stack.kafka.producer()
     await producer.start()
     try:
         await producer.send_and_wait(TOPICS.images.name, b"\x00not json", key=b"garbage")

@@ -26,15 +26,18 @@ from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Gateway, Stack, own_stack, read_topic
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 JOBS = 60
 TERMINAL = ("SUCCESS", "FAILURE")
 ORDER = ["PENDING", "STARTED", "SUCCESS"]
 
 
 @pytest.fixture
-def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def slow_stack(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[Stack]:
     with own_stack(
         tmp_path_factory.mktemp("gateway-restart"),
+        broker_kind=broker_kind,
         # Paced (0.8 s a batch at least, 12 s for all), so jobs still run after the kill.
         CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
         CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.2",

@@ -8,11 +8,14 @@ import json
 import uuid
 
 import httpx
+import pytest
 
 from schemas.events import decode_image_submitted
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Component, Gateway, Stack, read_topic
+
+pytestmark = pytest.mark.brokers("embedded", "apache")
 
 
 def upload(gateway: Gateway, data: bytes, key: str) -> httpx.Response:

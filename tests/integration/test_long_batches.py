@@ -8,21 +8,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from captionstream.kafka import EMBEDDED_PROFILE
 from tests.conftest import make_png
 from tests.integration.stack import Stack, own_stack
 
-# Every batch takes at least this long: longer than the embedded profile's 4 s session.
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
+# Every batch takes at least this long: longer than the consumer session.
+SESSION_TIMEOUT_S = 4.0
 SECONDS_PER_IMAGE = 5.0
 
 
 @pytest.fixture
-def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def slow_stack(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[Stack]:
     with own_stack(
         tmp_path_factory.mktemp("slow"),
+        broker_kind=broker_kind,
         CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
         CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE=str(SECONDS_PER_IMAGE),
         CAPTIONSTREAM_MAX_BATCH_SIZE="4",
+        CAPTIONSTREAM_KAFKA_SESSION_TIMEOUT_S=str(SESSION_TIMEOUT_S),
+        CAPTIONSTREAM_KAFKA_HEARTBEAT_INTERVAL_S="1",
     ) as stack:
         yield stack
 
@@ -39,9 +44,7 @@ def test_batch_longer_than_session_timeout_keeps_partitions(slow_stack: Stack) -
 
     assert [f["status"] for f in finals] == ["SUCCESS"] * 2
     assert [f["attempts"] for f in finals] == [1] * 2, "nothing was redelivered"
-    session_timeout = EMBEDDED_PROFILE.session_timeout_s
-    assert session_timeout is not None
-    assert session_timeout < SECONDS_PER_IMAGE
+    assert SESSION_TIMEOUT_S < SECONDS_PER_IMAGE
     assert elapsed >= SECONDS_PER_IMAGE
     log = worker.log()
     assert log.count("Setting newly assigned partitions") == assignments_before, (

@@ -12,6 +12,8 @@ import websockets
 from tests.conftest import make_png
 from tests.integration.stack import Component, Gateway, Stack
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 TERMINAL = {"SUCCESS", "FAILURE"}
 
 

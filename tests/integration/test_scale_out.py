@@ -30,13 +30,16 @@ from tests.integration.stack import (
     wait_until,
 )
 
+pytestmark = pytest.mark.brokers("embedded", "apache")
+
 JOBS = 240
 
 
 @pytest.fixture
-def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def two_workers(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[Stack]:
     with own_stack(
         tmp_path_factory.mktemp("scale"),
+        broker_kind=broker_kind,
         CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
         CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
         CAPTIONSTREAM_MAX_BATCH_SIZE="8",

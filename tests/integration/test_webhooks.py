@@ -16,15 +16,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from captionstream.broker import EmbeddedBroker
 from schemas.events import ImageSubmitted, JobState, caption_event_id, utcnow
 from schemas.topics import TOPICS
 from schemas.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
 from tests.conftest import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
+
+pytestmark = pytest.mark.brokers("embedded", "apache")
 
 SECRET = "integration-webhook-secret"
 # A group of this module's own: no other test's gateway takes a share of the partitions.
@@ -125,7 +125,7 @@ def test_a_success_is_posted_signed(hooked: Gateway, receiver: Receiver) -> None
 
 
 async def test_a_failure_is_posted_signed(
-    hooked: Gateway, receiver: Receiver, stack: Stack, broker: EmbeddedBroker
+    hooked: Gateway, receiver: Receiver, stack: Stack
 ) -> None:
     """An image event whose image is gone (published straight to Kafka) ends FAILURE."""
     ghost = ImageSubmitted(
@@ -139,7 +139,7 @@ async def test_a_failure_is_posted_signed(
         submitted_at=utcnow(),
         webhook_url=receiver.url("/failed"),
     )
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_batch_size=1)
+    producer = stack.kafka.producer()
     await producer.start()
     try:
         key = ghost.job_id.encode()
