@@ -354,7 +354,10 @@ class ProcessorSettings(CommonSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay.")
     retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Cap on retry delay.")
     torch_threads: int | None = Field(
-        default=None, description="Intra-op threads; default: the cores this process may use."
+        default=None,
+        ge=1,
+        description="Intra-op threads. Unset: every core this process may use, or one "
+        "when the model captions as fast on one (measured at start-up; small models).",
     )
     malloc_tuning: bool = Field(
         default=True,

@@ -24,6 +24,7 @@ from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
 from processor.hf_captioner import HFImageToTextCaptioner
 from processor.inference import InferenceThread
 from processor.table_state import KafkaChangelogReader, discard_stale_table_state
+from processor.threads import settle_threads
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,19 @@ def claim_worker_dir(root: Path) -> tuple[Path, IO[str]]:
         return path, lock
 
 
-def configure_torch_threads(requested: int | None) -> None:
+def set_torch_threads(threads: int) -> None:
     import torch
 
-    threads = requested or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    log.info("torch intra-op threads: %d", threads)
+
+
+def configure_torch_threads(requested: int | None) -> None:
+    """The requested thread count, or (until `settle_threads` decides) every core this
+    process may use."""
+    threads = requested or len(os.sched_getaffinity(0))
+    set_torch_threads(threads)
+    if requested is not None:
+        log.info("torch intra-op threads: %d (CAPTIONSTREAM_TORCH_THREADS)", threads)
 
 
 def load_captioner(settings: ProcessorSettings) -> Captioner:
@@ -105,6 +113,9 @@ def run_worker(settings: ProcessorSettings) -> None:
     # The model loads before the worker joins the group: a worker never holds partitions
     # it cannot serve, and a bad model setting fails at once.
     captioner = inference.call(load_captioner, settings)
+    if settings.torch_threads is None:
+        cores = len(os.sched_getaffinity(0))
+        inference.call(settle_threads, captioner, cores, set_torch_threads)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     kafka = KafkaConnection.from_settings(settings, "processor")

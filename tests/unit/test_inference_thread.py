@@ -102,8 +102,12 @@ def test_the_worker_sets_threads_and_loads_the_model_on_the_inference_thread(
     def fake_threads(_: object) -> None:
         seen["threads"] = threading.current_thread().name
 
-    def fake_load(_: object) -> None:
+    def fake_load(_: object) -> object:
         seen["load"] = threading.current_thread().name
+        return object()
+
+    def fake_settle(*_: object) -> None:
+        seen["settle"] = threading.current_thread().name
         raise Stop
 
     monkeypatch.setattr(worker, "tune_malloc", lambda *a, **k: None)
@@ -111,7 +115,8 @@ def test_the_worker_sets_threads_and_loads_the_model_on_the_inference_thread(
     monkeypatch.setattr(worker, "allow_pixels", lambda _: None)
     monkeypatch.setattr(worker, "configure_torch_threads", fake_threads)
     monkeypatch.setattr(worker, "load_captioner", fake_load)
+    monkeypatch.setattr(worker, "settle_threads", fake_settle)
     with pytest.raises(Stop):
         worker.run_worker(ProcessorSettings())
-    assert seen["threads"] == seen["load"]
+    assert seen["threads"] == seen["load"] == seen["settle"]
     assert seen["load"].startswith("inference")
