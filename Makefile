@@ -63,11 +63,13 @@ format: install
 schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
-# A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine
-# (~3-4 min on 2 idle CPU cores), printed and written to bench/RESULTS.md. BENCH_ARGS="--quick"
-# for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
+# A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine,
+# written to bench/RESULTS.md; then the stack under clients that poll (tiny and full-size
+# model), written to bench/RESULTS-polling.md. About 25 min on 2 idle CPU cores.
+# BENCH_ARGS="--quick" for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.polling $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -172,6 +172,58 @@ class PipelineRun:
         return percentile([b - a for a, b in itertools.pairwise(starts)], 50)
 
 
+@dataclass(frozen=True)
+class PollingRun:
+    """Clients that upload, then ask for the status until the job is finished, as the
+    reference service's clients do; `client_mode` says how often they ask."""
+
+    label: str  # the worker's set-up, e.g. "default"
+    model: str
+    clients: int
+    client_mode: str  # "every 20 ms", "as Retry-After says", "?wait=60"
+    jobs: int
+    wall_s: float  # first upload .. last terminal status, as the clients saw it
+    latencies_s: tuple[float, ...]  # per job: upload sent .. terminal status received
+    requests: int  # HTTP requests the clients made (uploads and status queries)
+    worker_env: tuple[tuple[str, str], ...] = ()
+    # per process: (role, cores used on average) while timed
+    cores: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.wall_s
+
+    @property
+    def requests_per_job(self) -> float:
+        return self.requests / self.jobs
+
+
+def polling_table(runs: Sequence[PollingRun], bare: BarePoint | None = None) -> list[str]:
+    """One row per run; with `bare`, the ratio of jobs/s to its images/s."""
+    header = ["worker set-up", "model", "clients", "asking", "jobs/s", "p50 (s)", "p99 (s)"]
+    header += ["requests/job", "cores used"]
+    if bare is not None:
+        header.append(f"/ bare b{bare.batch_size}")
+    rows = []
+    for run in runs:
+        env = ", ".join(f"{k}={v}" for k, v in run.worker_env) or "-"
+        row = [
+            f"{run.label} ({env})",
+            run.model,
+            str(run.clients),
+            run.client_mode,
+            f"{run.jobs_per_s:.2f}",
+            f"{percentile(run.latencies_s, 50):.2f}",
+            f"{percentile(run.latencies_s, 99):.2f}",
+            f"{run.requests_per_job:.1f}",
+            ", ".join(f"{role} {cores:.2f}" for role, cores in run.cores),
+        ]
+        if bare is not None:
+            row.append(f"{run.jobs_per_s / bare.images_per_s:.2f}x")
+        rows.append(row)
+    return _table(header, rows)
+
+
 # Cores no thread wanted / cores the hypervisor took, on average while timed: on a CPU
 # run both should be near 0; idle cores mean the model's threads waited on each other.
 IDLE_HEADER = "idle / stolen (cores)"

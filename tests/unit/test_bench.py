@@ -27,11 +27,13 @@ from bench.stats import (
     LatencySummary,
     PairedRound,
     PipelineRun,
+    PollingRun,
     Report,
     bare_table,
     best_point,
     group_batches,
     percentile,
+    polling_table,
     ratios,
     stage_medians,
 )
@@ -473,3 +475,28 @@ def test_captioning_variants_end_with_what_the_worker_runs(
     assert worker.prepack is (device == "cpu" and can_pack)
     assert worker.prepack is any("packed weights" in v.name for v in variants)
     assert worker.attention == ("eager" if (device, precision) == ("cpu", "bf16") else "sdpa")
+
+
+def test_polling_table_gives_rates_percentiles_and_the_ratio_to_bare() -> None:
+    run = PollingRun(
+        label="default",
+        model="tiny-blip",
+        clients=2,
+        client_mode="every 20 ms",
+        jobs=4,
+        wall_s=2.0,
+        latencies_s=(1.0, 2.0, 3.0, 4.0),
+        requests=20,
+        worker_env=(("OMP_WAIT_POLICY", "PASSIVE"),),
+        cores=(("worker", 0.5), ("gateway", 0.25)),
+    )
+    assert run.jobs_per_s == 2.0
+    assert run.requests_per_job == 5.0
+    bare = BarePoint("fp32", 8, (4.0,))  # 2 images/s
+    header, _rule, row = polling_table([run], bare)
+    assert "/ bare b8" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "default (OMP_WAIT_POLICY=PASSIVE)"
+    assert cells[4:8] == ["2.00", "2.50", "3.97", "5.0"]
+    assert cells[8] == "worker 0.50, gateway 0.25"
+    assert cells[9] == "1.00x"
