@@ -14,6 +14,7 @@ from dataclasses import dataclass
 class TopicSpec:
     name: str
     compacted: bool = False
+    retention_ms: int | None = None  # None: the broker's default (7 days on Apache Kafka)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,10 @@ class Topics:
     # Image events waiting out a retry backoff (header `not-before`). Internal.
     retries: TopicSpec = TopicSpec("captionstream.images.retry.v1")
     # Messages that could not be processed, verbatim, with the reason in headers.
-    dead_letters: TopicSpec = TopicSpec("captionstream.dead-letters.v1")
+    # Kept 30 days: long enough for someone to look at them and replay them.
+    dead_letters: TopicSpec = TopicSpec(
+        "captionstream.dead-letters.v1", retention_ms=30 * 24 * 3600 * 1000
+    )
     # Requests about existing jobs (`JobCancelRequested`, `JobExpiryDue`) to the
     # processor. Internal. A topic of its own, so a cancellation is seen long before a
     # backlog of images reaches the job.

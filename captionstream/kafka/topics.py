@@ -49,7 +49,10 @@ class PlannedTopic:
 
 
 def topic_config(spec: TopicSpec) -> dict[str, str]:
-    return {"cleanup.policy": "compact"} if spec.compacted else {}
+    config = {"cleanup.policy": "compact"} if spec.compacted else {}
+    if spec.retention_ms is not None:
+        config["retention.ms"] = str(spec.retention_ms)
+    return config
 
 
 def changelog_topic(group_id: str, table: str) -> str:
