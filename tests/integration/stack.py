@@ -29,12 +29,16 @@ from schemas.events import CaptionProduced, caption_event_id, decode_caption_eve
 from schemas.topics import TOPICS
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1
+) -> None:
+    """Ask `predicate` every `interval_s` until it holds (a costly predicate, such as
+    hundreds of status requests, asks less often: it shares the cores with the stack)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval_s)
 
 
 @dataclass

@@ -82,7 +82,7 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
         return sum(v["status"] in ("SUCCESS", "FAILURE") for v in views.values())
 
     # Kill one worker in the middle of a batch, once some results are out.
-    await asyncio.to_thread(wait_until, lambda: finished() >= 16, 60, "the first results")
+    await asyncio.to_thread(wait_until, lambda: finished() >= 16, 60, "the first results", 0.5)
     inflight = stack.data_dir / f"inflight-{doomed.proc.pid}"
     await asyncio.to_thread(wait_until, inflight.exists, 30, "the doomed worker mid-batch")
     doomed.proc.send_signal(signal.SIGKILL)
@@ -90,7 +90,7 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
     done_at_kill = await asyncio.to_thread(finished)
     assert done_at_kill < JOBS, "the kill must land while jobs are still in flight"
 
-    await asyncio.to_thread(wait_until, lambda: finished() == JOBS, 180, "every job to finish")
+    await asyncio.to_thread(wait_until, lambda: finished() == JOBS, 180, "every job to finish", 1.0)
     views = await gateway.statuses(job_ids)
     assert {v["status"] for v in views.values()} == {"SUCCESS"}
     assert survivor.alive()
