@@ -51,7 +51,9 @@ class JobView:
 
     def __init__(self) -> None:
         self._jobs: dict[str, JobState] = {}
-        self._subscribers: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
+        # Each subscriber's queue gets every later state of its job, and None when the
+        # job is forgotten (expired): followers end then instead of waiting forever.
+        self._subscribers: defaultdict[str, set[asyncio.Queue[JobState | None]]] = defaultdict(set)
         self._by_status: Counter[JobStatus] = Counter()
         self._by_idempotency_key: dict[str, str] = {}  # key -> job id (first job wins)
         self._success_by_cache_key: dict[str, str] = {}  # cache key -> a SUCCESS job id
@@ -141,10 +143,13 @@ class JobView:
             self._success_by_cache_key[state.cache_key] = state.job_id
 
     def forget(self, job_id: str) -> None:
-        """Drop an expired job (a tombstone on the job-state topic, or the TTL sweep)."""
+        """Drop an expired job (a tombstone on the job-state topic, or the TTL sweep); its
+        followers end."""
         state = self._jobs.pop(job_id, None)
         if state is None:
             return
+        for queue in self._subscribers.get(job_id, ()):
+            queue.put_nowait(None)
         self._by_status[state.status] -= 1
         if state.idempotency_key and self._by_idempotency_key.get(state.idempotency_key) == job_id:
             del self._by_idempotency_key[state.idempotency_key]
@@ -158,13 +163,14 @@ class JobView:
         ]
 
     async def follow(self, job_id: str) -> AsyncIterator[JobState]:
-        """The job's current state, then every change, ending after a terminal state.
+        """The job's current state, then every change, ending after a terminal state or
+        when the job is forgotten (expired).
 
         Subscribes before reading the current state, so no change can slip between.
         Yields nothing for an unknown job.
         """
         with self.subscribe(job_id) as changes:
-            state = self.get(job_id)
+            state: JobState | None = self.get(job_id)
             while state is not None:
                 yield state
                 if state.status.terminal:
@@ -173,8 +179,9 @@ class JobView:
 
     @contextlib.contextmanager
     def subscribe(self, job_id: str):  # type: ignore[no-untyped-def]
-        """Yield a queue receiving every later state of `job_id` until the block ends."""
-        queue: asyncio.Queue[JobState] = asyncio.Queue()
+        """Yield a queue receiving every later state of `job_id` (None once the job is
+        forgotten) until the block ends."""
+        queue: asyncio.Queue[JobState | None] = asyncio.Queue()
         self._subscribers[job_id].add(queue)
         try:
             yield queue

@@ -186,8 +186,8 @@ async def test_wait_on_an_unknown_job_is_404_at_once(client: httpx.AsyncClient) 
 async def test_a_job_that_expires_during_the_wait_is_404(
     view: CountingView, client: httpx.AsyncClient
 ) -> None:
-    """Expiry sends no change to subscribers: the wait runs out, then the job is gone,
-    as a status request without `wait` would find."""
+    """Expiry ends the wait at once: the job is gone, as a status request without `wait`
+    would find."""
     view.apply(pending())
 
     async def expire() -> None:
@@ -195,8 +195,9 @@ async def test_a_job_that_expires_during_the_wait_is_404(
         view.forget(JOB)
 
     expiring = asyncio.create_task(expire())
-    response, _ = await status(client, wait=0.6)
+    response, elapsed = await status(client, wait=10)
     await expiring
+    assert elapsed < 2, "the expiry ended the wait, not the 10 s"
     assert response.status_code == 404
     assert response.json() == {"detail": f"job {JOB!r} not found"}
     assert view.open_subscriptions == 0

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.view import JobView, supersedes
-from schemas.events import JobState, JobStatus
+from schemas.events import JobState, JobStatus, utcnow
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -254,3 +254,19 @@ def test_replicas_racing_on_one_job_id_do_not_block_its_result() -> None:
     done = first.advance(JobStatus.STARTED).advance(JobStatus.SUCCESS, caption="a cat")
     assert view.apply(done) is True
     assert view.get("job-1") == done
+
+
+async def test_followers_of_a_job_end_when_it_expires() -> None:
+    view = JobView()
+    view.apply(JobState.pending("job-x", utcnow()))
+    followed: list[str] = []
+
+    async def follow() -> None:
+        async for state in view.follow("job-x"):
+            followed.append(state.status.value)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    view.forget("job-x")
+    await asyncio.wait_for(task, 1)  # ended, not waiting for a change that never comes
+    assert followed == ["PENDING"]
