@@ -32,7 +32,7 @@ from processor.pipeline import (
     caption_batch,
     handle_batch,
 )
-from processor.transport import use_transport
+from processor.transport import FlowSafeTableManager, use_transport
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -190,6 +190,7 @@ def create_app(
         **kafka.faust_settings(),
         store="rocksdb://",
         datadir=str(datadir),
+        TableManager=FlowSafeTableManager,
         topic_partitions=settings.partitions,
         # The topic plan creates and checks every topic, Faust's own included: a worker
         # needs no right to create topics, and nothing is created behind the plan's back.
