@@ -55,11 +55,12 @@ def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKaf
     yield from running_cluster(tmp_path_factory.mktemp("apache-kafka"), nodes=1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def apache_kafka_cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ApacheKafkaCluster]:
-    """Three Apache Kafka nodes (RF 3, min.insync.replicas 2), shared by the session.
+    """Three Apache Kafka nodes (RF 3, min.insync.replicas 2), shared by a module: three
+    JVMs would otherwise idle through the rest of the session on CI's two cores.
 
     A test that stops a node must start it again before it ends (`start_node`).
     """
