@@ -29,20 +29,30 @@ class KafkaJobPublisher:
         )
 
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
+        """The PENDING state first, acknowledged, then the image event.
+
+        A worker writes a job's states only after it read the image event, so in this
+        order PENDING precedes every later state on the job's partition of the compacted
+        job-state topic, and the record compaction keeps (the last) is the job's latest
+        state. (With the image event first, a fast worker's SUCCESS could precede PENDING,
+        and a gateway started after the log cleaner ran showed the job PENDING forever.)
+        Both must succeed for the job to be accepted; if the image event fails, the
+        PENDING state is deleted again and the error reaches the caller (503).
+        """
         key = event.job_id.encode()
-        # The image event is the point of acceptance: if it fails, nothing was published
-        # and the caller answers 503. The PENDING state only makes the job visible to
-        # other gateway replicas before the processor reports on it; losing it loses no
-        # job, and the view never lets PENDING replace a later state.
         await self.producer.send_and_wait(
-            TOPICS.images.name, event.model_dump_json().encode(), key=key
+            TOPICS.job_state.name, state.model_dump_json().encode(), key=key
         )
         try:
             await self.producer.send_and_wait(
-                TOPICS.job_state.name, state.model_dump_json().encode(), key=key
+                TOPICS.images.name, event.model_dump_json().encode(), key=key
             )
-        except KafkaError as exc:
-            log.warning("job %s accepted; its PENDING state was not published: %r", key, exc)
+        except KafkaError:
+            try:
+                await self.publish_tombstone(event.job_id)
+            except KafkaError as exc:
+                log.warning("job %s refused; its PENDING state could not be deleted: %r", key, exc)
+            raise
 
 
 class KafkaCaptionCache:

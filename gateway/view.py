@@ -28,8 +28,11 @@ def supersedes(new: JobState, old: JobState | None) -> bool:
 
     The log order of one job's partition is authoritative, except that the first terminal
     state is final (a redelivered job can never replace its result or reopen it), and
-    PENDING never replaces anything (the gateway writes it after the image event, so a
-    fast processor's STARTED can precede it). A state submitted after `old` finished
+    PENDING never replaces anything (a gateway writes it before the image event, so a
+    PENDING after another state is a second replica's copy for the same idempotency key).
+    On a compacted topic only each job's last record is left; with PENDING written first
+    that is the job's latest state (for a job a redelivery finished twice, its second
+    result rather than its first). A state submitted after `old` finished
     belongs to a new job with the same id (an `Idempotency-Key` reused after its job
     expired) and replaces it; a late state of the older job never does.
     """

@@ -25,8 +25,9 @@ from schemas.events import (
 
 class JobPublisher(Protocol):
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
-        """Publish the image event (raising if it fails: the job was not accepted), then
-        make the PENDING state visible to every gateway (best effort)."""
+        """Publish the PENDING state, then the image event; raise if either fails (the
+        job was not accepted). PENDING first keeps each job's states in order on the
+        compacted job-state topic (gateway.publisher says why)."""
         ...
 
 
