@@ -91,7 +91,7 @@ class Stack:
         return KafkaConnection(self.bootstrap, self.profile, client_id="captionstream-tests")
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {
+        env = {
             **os.environ,
             "CAPTIONSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
             "CAPTIONSTREAM_KAFKA_PROFILE": self.profile.value,
@@ -102,6 +102,12 @@ class Stack:
             **self.spawn_env,
             **extra,
         }
+        # The fault-test captioners (tests/integration/flaky.py) mostly sleep: timing
+        # torch threads on them at start (processor/threads.py) measures nothing and
+        # cost a worker six captions (30 s at 5 s an image).
+        if env.get("CAPTIONSTREAM_CAPTIONER", "").startswith("tests.integration.flaky"):
+            env.setdefault("CAPTIONSTREAM_TORCH_THREADS", "1")
+        return env
 
     def spawn(self, part: str, *args: str, **env: str) -> Component:
         log_path = self.log_dir / f"{part}-{len(self.components)}.log"
@@ -118,16 +124,25 @@ class Stack:
 
     def start_worker(self, timeout_s: float = 60, **env: str) -> Component:
         """A worker serving /healthz, /readyz and /metrics on a free port (`.url`)."""
-        port = free_port()
-        worker = self.spawn("worker", CAPTIONSTREAM_METRICS_PORT=str(port), **env)
-        worker.url = f"http://127.0.0.1:{port}"
-        wait_until(
-            lambda: "[^Worker]: Ready" in worker.log() or not worker.alive(),
-            timeout_s,
-            "the worker to become ready",
-        )
-        assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
+        (worker,) = self.start_workers(1, timeout_s, **env)
         return worker
+
+    def start_workers(self, count: int, timeout_s: float = 60, **env: str) -> list[Component]:
+        """`count` workers started side by side (their model loads overlap), each ready."""
+        workers = []
+        for _ in range(count):
+            port = free_port()
+            worker = self.spawn("worker", CAPTIONSTREAM_METRICS_PORT=str(port), **env)
+            worker.url = f"http://127.0.0.1:{port}"
+            workers.append(worker)
+        for worker in workers:
+            wait_until(
+                lambda w=worker: "[^Worker]: Ready" in w.log() or not w.alive(),
+                timeout_s,
+                "the worker to become ready",
+            )
+            assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
+        return workers
 
     def start_gateway(self, timeout_s: float = 60, port: int | None = None, **env: str) -> Gateway:
         """A gateway on `port` (default: a free one); `env` adds settings for this gateway
