@@ -12,6 +12,8 @@ class CaptionstreamError(Exception):
 
     http_status: int = 500
     retriable: bool = False
+    # For HTTP answers: seconds after which a retry may succeed (a `Retry-After` header).
+    retry_after_s: int | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -27,6 +29,10 @@ class BrokerError(CaptionstreamError):
 
     http_status = 503
     retriable = True
+    # A partition leader that died is replaced within seconds (3.4-5.2 s measured on a
+    # 3-node Apache Kafka, docs/kafka.md): a client that waits this long and retries
+    # usually gets through.
+    retry_after_s = 2
 
 
 class TopicMismatch(ConfigurationError):

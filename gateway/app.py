@@ -121,7 +121,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(CaptionstreamError)
     async def captionstream_error(request: Request, exc: CaptionstreamError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"detail": exc.detail})
+        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(
+            status_code=exc.http_status, content={"detail": exc.detail}, headers=headers
+        )
 
     # Outermost last: metrics also count the 413s of the body limit.
     app.add_middleware(

@@ -37,6 +37,7 @@ async def test_submit_answers_503_when_the_broker_is_down(stack: Stack, tmp_path
         elapsed = time.monotonic() - started
         assert response.status_code == 503, response.text
         assert "Kafka" in response.json()["detail"]
+        assert response.headers["retry-after"] == "2", "when to try again"
         assert elapsed < 15, "the client is not kept waiting past the Kafka timeout"
         assert gateway.healthy(), "liveness does not depend on Kafka"
     finally:
