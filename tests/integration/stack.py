@@ -27,6 +27,7 @@ from captionstream.kafka import KafkaConnection, assign_whole_topic, fetch_highw
 from captionstream.settings import KafkaProfile
 from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
 from schemas.topics import TOPICS
+from tests.conftest import make_png
 
 
 def wait_until(
@@ -204,6 +205,20 @@ class Gateway:
         async with httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits) as client:
             responses = await asyncio.gather(*(client.get(f"/api/v1/status/{j}") for j in job_ids))
         return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
+
+
+async def submit_images(gateway: Gateway, count: int, first: int = 0) -> list[str]:
+    """Upload `count` distinct small PNGs, 16 at a time; each must be accepted (202)."""
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=30) as client:
+
+        async def one(i: int) -> str:
+            image = make_png(16 + i % 50, 16 + i // 50 % 50, color=(i % 256, i // 256 % 256, 9))
+            response = await client.post("/api/v1/upload", files={"file": (f"{i}.png", image)})
+            assert response.status_code == 202, response.text
+            return str(response.json()["job_id"])
+
+        return list(await asyncio.gather(*(one(i) for i in range(first, first + count))))
 
 
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[tuple[bytes, bytes]]:

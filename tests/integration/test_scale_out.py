@@ -13,7 +13,6 @@ import signal
 from collections import defaultdict
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from schemas.events import (
@@ -21,13 +20,12 @@ from schemas.events import (
     decode_job_state,
 )
 from schemas.topics import TOPICS
-from tests.conftest import make_png
 from tests.integration.stack import (
-    Gateway,
     Stack,
     check_one_caption_per_job,
     own_stack,
     read_topic,
+    submit_images,
     wait_until,
 )
 
@@ -46,19 +44,6 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> I
         CAPTIONSTREAM_MAX_BATCH_SIZE="8",
     ) as stack:
         yield stack
-
-
-async def submit_all(gateway: Gateway, count: int) -> list[str]:
-    limits = httpx.Limits(max_connections=16)
-    async with httpx.AsyncClient(base_url=gateway.url, limits=limits, timeout=30) as client:
-
-        async def one(i: int) -> str:
-            image = make_png(16 + i % 50, 16 + i // 50, color=(i % 256, 7, 9))
-            response = await client.post("/api/v1/upload", files={"file": (f"{i}.png", image)})
-            assert response.status_code == 202, response.text
-            return str(response.json()["job_id"])
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 def joined_generation(log: str) -> int | None:
@@ -85,7 +70,7 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
     # Watching for the moment to kill starts with the submissions, not after them: the
     # kill lands early in the doomed worker's share (>= 6 s of captioning), never after
     # it (a slow submission could let it finish first).
-    submitting = asyncio.create_task(submit_all(gateway, JOBS))
+    submitting = asyncio.create_task(submit_images(gateway, JOBS))
     # Kill one worker in the middle of a batch, once some of its results are out.
     await asyncio.to_thread(
         wait_until, lambda: doomed.log().count("captioned") >= 8, 60, "the first results", 0.1

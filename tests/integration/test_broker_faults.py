@@ -1,0 +1,159 @@
+"""Broker faults on a 3-node Apache Kafka (replication factor 3, min.insync.replicas 2),
+with jobs in flight: the node leading most of the images partitions is SIGKILLed and
+started again. Every accepted job must end SUCCESS with one caption; a submit during
+the failover is accepted or answered 503 with `Retry-After`, nothing hangs. The test
+prints the measured failover: how long submits were refused and how long the worker
+captioned nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from captionstream.apache_kafka import ApacheKafkaCluster
+from schemas.topics import TOPICS
+from tests.conftest import make_png
+from tests.integration.apache import wait_for_partitions
+from tests.integration.stack import (
+    Gateway,
+    Stack,
+    check_one_caption_per_job,
+    submit_images,
+    wait_until,
+)
+
+JOBS = 200
+FAILOVER_SUBMIT_S = 10.0
+
+
+@pytest.fixture
+def replicated_stack(tmp_path: Path, apache_kafka_cluster: ApacheKafkaCluster) -> Iterator[Stack]:
+    (tmp_path / "logs").mkdir()
+    stack = Stack(
+        bootstrap=apache_kafka_cluster.bootstrap,
+        data_dir=tmp_path / "data",
+        log_dir=tmp_path / "logs",
+        broker_kind="apache",
+        cluster=apache_kafka_cluster,
+        spawn_env={
+            "CAPTIONSTREAM_CAPTIONER": "tests.integration.flaky:create_slow",
+            "CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE": "0.05",
+            "CAPTIONSTREAM_MAX_BATCH_SIZE": "8",
+            "CAPTIONSTREAM_REPLICATION_FACTOR": "3",
+            # a submit is answered (202 or 503) within this, failover or not
+            "CAPTIONSTREAM_KAFKA_TIMEOUT_S": "5",
+        },
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+async def submit_through_failover(
+    gateway: Gateway, seconds: float
+) -> tuple[list[tuple[float, int]], list[str]]:
+    """One upload every 0.1 s for `seconds`: (time sent, HTTP status) of each, and the
+    ids of the accepted jobs. Every answer must be 202, or 503 with Retry-After; none may
+    hang."""
+    answers: list[tuple[float, int]] = []
+    accepted: list[str] = []
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+
+        async def one(i: int) -> None:
+            sent = time.monotonic()
+            image = make_png(90 + i % 40, 90 + i // 40, color=(3, i % 256, 200))
+            response = await client.post("/api/v1/upload", files={"file": (f"f{i}.png", image)})
+            assert response.status_code in (202, 503), response.text
+            if response.status_code == 503:
+                assert int(response.headers["retry-after"]) > 0
+            assert time.monotonic() - sent < 15, "a submit hung through the failover"
+            answers.append((sent, response.status_code))
+            if response.status_code == 202:
+                accepted.append(str(response.json()["job_id"]))
+
+        tasks = []
+        deadline = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < deadline:
+            tasks.append(asyncio.create_task(one(i)))
+            i += 1
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*tasks)
+    return answers, accepted
+
+
+def caption_times(log: str) -> list[datetime]:
+    """When the worker logged each caption."""
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[INFO\]"
+    stamps = re.findall(stamp + r" job \w+ captioned", log)
+    return [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in stamps]
+
+
+async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
+    replicated_stack: Stack,
+) -> None:
+    stack = replicated_stack
+    cluster = stack.cluster
+    assert cluster is not None
+    worker = stack.start_worker()
+    gateway = stack.start_gateway()
+    images = await wait_for_partitions(
+        stack.bootstrap,
+        TOPICS.images.name,
+        30,
+        "replicated on every node",
+        lambda ps: all(len(p["isr"]) == 3 for p in ps.values()),
+    )
+    leader = Counter(p["leader"] for p in images.values()).most_common(1)[0][0]
+
+    job_ids = await submit_images(gateway, JOBS)
+    await asyncio.to_thread(
+        wait_until, lambda: worker.log().count("captioned") >= 16, 60, "the first results", 0.1
+    )
+    killed_at = time.monotonic()
+    cluster.stop_node(leader, sig=signal.SIGKILL)
+    try:
+        answers, accepted = await submit_through_failover(gateway, FAILOVER_SUBMIT_S)
+    finally:
+        cluster.start_node(leader)
+    job_ids += accepted
+    refused = [t - killed_at for t, code in answers if code == 503]
+
+    def unfinished() -> int:
+        views = asyncio.run(gateway.statuses(job_ids))
+        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
+
+    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
+    views = await gateway.statuses(job_ids)
+    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    await check_one_caption_per_job(stack.bootstrap, views, job_ids)
+    assert worker.alive()
+    await wait_for_partitions(
+        stack.bootstrap,
+        TOPICS.images.name,
+        60,
+        "back to ISR 3",
+        lambda ps: all(len(p["isr"]) == 3 for p in ps.values()),
+    )
+
+    times = caption_times(worker.log())
+    pause = max((b - a).total_seconds() for a, b in itertools.pairwise(times))
+    window = f" ({min(refused):.1f}-{max(refused):.1f} s after the kill)" if refused else ""
+    print(
+        f"node {leader} SIGKILLed with jobs in flight: {len(answers)} submits during the "
+        f"failover, {len(refused)} answered 503{window}; the worker's longest pause "
+        f"between captions {pause:.1f} s"
+    )
+    assert len(refused) < len(answers), "submits are accepted again within the failover"
