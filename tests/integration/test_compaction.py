@@ -1,6 +1,7 @@
 """Job state survives log compaction: after Apache Kafka's cleaner has left one record
-per job on the job-state topic, a gateway started then shows every finished job as
-finished, with its caption.
+per job on the job-state topic, a gateway started then answers for every job exactly
+what it answered before: SUCCESS with its caption, a retried job's SUCCESS, a failed
+job's FAILURE with its reason.
 
 The topic is compacted (cleanup.policy=compact), so this is what any gateway started
 after the cleaner ran sees in production. It holds because a gateway writes a job's
@@ -17,10 +18,11 @@ from collections.abc import Iterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import JobStatus, decode_job_state
+from schemas.events import decode_job_state
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.apache import create_topic
+from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE
 from tests.integration.stack import Stack, own_stack, read_topic, wait_until
 
 pytestmark = pytest.mark.brokers("apache")
@@ -35,6 +37,10 @@ def compacting_stack(tmp_path_factory: pytest.TempPathFactory, broker_kind: str)
         tmp_path_factory.mktemp("compaction"),
         broker_kind=broker_kind,
         CAPTIONSTREAM_PARTITIONS=str(PARTITIONS),
+        # Some jobs go through retries (several STARTED and RETRY records) or fail.
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create",
+        CAPTIONSTREAM_MAX_ATTEMPTS="3",
+        CAPTIONSTREAM_RETRY_BACKOFF_S="0.2",
     ) as stack:
         # The plan's topic (compacted, same partitions), with segments that roll every
         # 100 ms and a cleaner that runs on any dirt (the launcher checks for work every
@@ -75,14 +81,20 @@ async def test_a_gateway_started_after_compaction_shows_every_job_finished(
     stack = compacting_stack
     stack.start_worker()
     gateway = stack.start_gateway()
+    # The flaky job goes alone, so its failure is its batch's and it is retried.
+    colors = [FLAKY_ONCE, *[(i, 40, 90) for i in range(JOBS - 2)], ALWAYS_FAILS]
     job_ids = []
-    for i in range(JOBS):
-        response = gateway.upload(make_png(20 + i, 20, color=(i, 40, 90)), f"{i}.png")
+    finals = {}
+    for i, color in enumerate(colors):
+        response = gateway.upload(make_png(20 + i, 20, color=color), f"{i}.png")
         assert response.status_code == 202, response.text
         job_ids.append(response.json()["job_id"])
-    for job_id in job_ids:
-        assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
-    captions = {j: v["result"]["caption"] for j, v in (await gateway.statuses(job_ids)).items()}  # type: ignore[index]
+        if i == 0:
+            finals[job_ids[0]] = gateway.wait_terminal(job_ids[0])
+    finals |= {job_id: gateway.wait_terminal(job_id) for job_id in job_ids[1:]}
+    expected = {j: "SUCCESS" for j in job_ids[:-1]} | {job_ids[-1]: "FAILURE"}
+    assert {j: f["status"] for j, f in finals.items()} == expected
+    assert finals[job_ids[0]]["attempts"] == 2, "the flaky job was retried once"
 
     # Compaction has run once no job has more than one record left (each has at least
     # PENDING, STARTED and SUCCESS before it).
@@ -98,14 +110,13 @@ async def test_a_gateway_started_after_compaction_shows_every_job_finished(
 
     await asyncio.to_thread(wait_until, compacted, 90, "the cleaner to compact the job states", 1.0)
     survivors = {
-        key.decode(): decode_job_state(value)
+        key.decode(): decode_job_state(value).status.value
         for key, value in await read_topic(stack.bootstrap, TOPICS.job_state.name, timeout_s=10)
         if value is not None and key.decode() in job_ids
     }
-    assert {s.status for s in survivors.values()} == {JobStatus.SUCCESS}, "the last is the result"
+    assert survivors == expected, "each job's last record is its result"
 
     # A gateway that starts now reads only the compacted topic.
     fresh = stack.start_gateway()
     views = await fresh.statuses(job_ids)
-    assert {v["status"] for v in views.values()} == {"SUCCESS"}
-    assert {j: v["result"]["caption"] for j, v in views.items()} == captions  # type: ignore[index]
+    assert views == finals, "the same answers as before compaction"
