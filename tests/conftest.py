@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,3 +54,21 @@ def make_noise_png(width: int = 128, height: int = 128) -> bytes:
 @pytest.fixture
 def png_bytes() -> bytes:
     return make_png()
+
+
+# The count of integration tests per Kafka broker at the end of a run. Here, not in
+# tests/integration/conftest.py (which tags each test with its broker): with pytest-xdist
+# only this file is loaded by the process that reports.
+_ran: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    broker = dict(report.user_properties).get("kafka_broker")
+    if report.when == "call" and report.passed and broker is not None:
+        _ran[str(broker)] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _ran:
+        ran = ", ".join(f"{kind}: {count}" for kind, count in sorted(_ran.items()))
+        terminalreporter.write_line(f"integration tests passed per Kafka broker: {ran}")

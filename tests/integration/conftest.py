@@ -9,7 +9,6 @@ broker ran.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +27,32 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
             item.user_properties.append(("kafka_broker", _broker_of(item)))
+            item.add_marker(pytest.mark.xdist_group(_process_group(item)))
+
+
+def _process_group(item: pytest.Item) -> str:
+    """Which tests must share one pytest-xdist process (`make test` runs two, with
+    `--dist loadgroup`): those on a session stack or broker share it, and a module's
+    tests share its module fixtures (a stack, the 3-node cluster), per broker kind.
+    Groups run side by side; unit tests go wherever there is room."""
+    names = getattr(item, "fixturenames", ())
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    kind = str(params.get("broker_kind", "embedded"))
+    if "apache_kafka_cluster" in names:
+        return "apache-3-nodes"
+    if "stack" in names or "worker" in names:
+        return f"session-stack-{kind}"
+    if "broker" in names:
+        return "session-stack-embedded"
+    if "apache_kafka" in names:
+        return "session-stack-apache"
+    return f"{item.path.stem}-{kind}"
 
 
 def _broker_of(item: pytest.Item) -> str:
@@ -62,21 +82,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def broker_kind(request: pytest.FixtureRequest) -> str:
     """The broker under test: `embedded` unless the test is marked `brokers`."""
     return str(getattr(request, "param", "embedded"))
-
-
-_ran: Counter[str] = Counter()
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    broker = dict(report.user_properties).get("kafka_broker")
-    if report.when == "call" and report.passed and broker is not None:
-        _ran[str(broker)] += 1
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _ran:
-        ran = ", ".join(f"{kind}: {count}" for kind, count in sorted(_ran.items()))
-        terminalreporter.write_line(f"integration tests passed per Kafka broker: {ran}")
 
 
 @pytest.fixture(scope="session")
