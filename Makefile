@@ -20,8 +20,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# From the wheel cache alone when it has everything (about 1.5 min); otherwise fill it
-	@# first (a first install downloads ~2.8 GB, about 5 min here), then install from it.
+	@# From the wheel cache alone when it has everything (about 1.5 min, plus 45 s to
+	@# byte-compile below); otherwise fill it first (a first install downloads ~2.8 GB,
+	@# about 5 min here), then install from it.
 	$(PIP_OFFLINE) "$(TORCH_SPEC)" -e ".[dev]" 2>/dev/null || { \
 	  echo "downloading wheels into $(WHEELS) (first install: ~2.8 GB)"; \
 	  $(BIN)/pip download -q -d $(WHEELS) --find-links $(WHEELS) \
