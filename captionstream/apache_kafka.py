@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from captionstream.broker import die_with_parent, free_port, port_open
+from captionstream.broker import child_preexec, free_port, port_open
 from captionstream.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -550,7 +550,7 @@ class ApacheKafkaCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=child_preexec(),
             )
         for node_id, proc in formatting.items():
             try:
@@ -586,7 +586,7 @@ class ApacheKafkaCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=child_preexec(),
             )
 
     def _logged_since_launch(self, node_id: int) -> str:

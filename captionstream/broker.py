@@ -11,7 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -33,6 +35,14 @@ def die_with_parent() -> None:
         return
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def child_preexec() -> Callable[[], None] | None:
+    """`die_with_parent` as a `preexec_fn` for a child started from the main thread;
+    None from any other thread. Linux sends the death signal when the *thread* that
+    started the child exits, not the process: a broker started from a worker thread
+    (`asyncio.to_thread`) was stopped as soon as that thread ended."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def tansu_binary() -> str:
@@ -153,7 +163,7 @@ class EmbeddedBroker:
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
         if self.log_file is None:
             self._proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
+                cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=child_preexec()
             )
         else:
             with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
