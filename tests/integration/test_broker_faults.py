@@ -61,37 +61,58 @@ def replicated_stack(tmp_path: Path, apache_kafka_cluster: ApacheKafkaCluster) -
         stack.stop_all()
 
 
-async def submit_through_failover(
-    gateway: Gateway, seconds: float
+async def submit_while(
+    gateway: Gateway, fault: asyncio.Future[object], salt: int
 ) -> tuple[list[tuple[float, int]], list[str]]:
-    """One upload every 0.1 s for `seconds`: (time sent, HTTP status) of each, and the
-    ids of the accepted jobs. Every answer must be 202, or 503 with Retry-After; none may
-    hang."""
+    """One upload every 0.1 s until `fault` is done: (time sent, HTTP status) of each,
+    and the ids of the accepted jobs. Every answer must be 202, or 503 with Retry-After;
+    none may hang. `salt` keeps the images apart from other tests' (no cache hits)."""
     answers: list[tuple[float, int]] = []
     accepted: list[str] = []
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
 
         async def one(i: int) -> None:
             sent = time.monotonic()
-            image = make_png(90 + i % 40, 90 + i // 40, color=(3, i % 256, 200))
+            image = make_png(90 + i % 40, 90 + i // 40 % 40, color=(salt, i % 256, 200))
             response = await client.post("/api/v1/upload", files={"file": (f"f{i}.png", image)})
             assert response.status_code in (202, 503), response.text
             if response.status_code == 503:
                 assert int(response.headers["retry-after"]) > 0
-            assert time.monotonic() - sent < 15, "a submit hung through the failover"
+            assert time.monotonic() - sent < 15, "a submit hung through the fault"
             answers.append((sent, response.status_code))
             if response.status_code == 202:
                 accepted.append(str(response.json()["job_id"]))
 
         tasks = []
-        deadline = time.monotonic() + seconds
         i = 0
-        while time.monotonic() < deadline:
+        while not fault.done():
             tasks.append(asyncio.create_task(one(i)))
             i += 1
             await asyncio.sleep(0.1)
         await asyncio.gather(*tasks)
+    fault.result()  # the fault's own error, if it failed
     return answers, accepted
+
+
+async def finish_all(stack: Stack, gateway: Gateway, job_ids: list[str]) -> None:
+    """Every job ends SUCCESS with one caption, and every partition is back to ISR 3."""
+
+    def unfinished() -> int:
+        views = asyncio.run(gateway.statuses(job_ids))
+        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
+
+    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
+    views = await gateway.statuses(job_ids)
+    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    await check_one_caption_per_job(stack.bootstrap, views, job_ids)
+    for topic in (TOPICS.images.name, TOPICS.job_state.name):
+        await wait_for_partitions(
+            stack.bootstrap, topic, 60, "back to ISR 3", lambda ps: all_in_sync(ps)
+        )
+
+
+def all_in_sync(partitions: dict[int, dict[str, object]]) -> bool:
+    return all(len(p["isr"]) == 3 for p in partitions.values())  # type: ignore[arg-type]
 
 
 def caption_times(log: str) -> list[datetime]:
@@ -124,29 +145,17 @@ async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
     )
     killed_at = time.monotonic()
     cluster.stop_node(leader, sig=signal.SIGKILL)
-    try:
-        answers, accepted = await submit_through_failover(gateway, FAILOVER_SUBMIT_S)
-    finally:
-        cluster.start_node(leader)
-    job_ids += accepted
+
+    async def failover() -> None:
+        try:
+            await asyncio.sleep(FAILOVER_SUBMIT_S)
+        finally:
+            await asyncio.to_thread(cluster.start_node, leader)
+
+    answers, accepted = await submit_while(gateway, asyncio.ensure_future(failover()), salt=3)
     refused = [t - killed_at for t, code in answers if code == 503]
-
-    def unfinished() -> int:
-        views = asyncio.run(gateway.statuses(job_ids))
-        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
-
-    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
-    views = await gateway.statuses(job_ids)
-    assert {v["status"] for v in views.values()} == {"SUCCESS"}
-    await check_one_caption_per_job(stack.bootstrap, views, job_ids)
+    await finish_all(stack, gateway, job_ids + accepted)
     assert worker.alive()
-    await wait_for_partitions(
-        stack.bootstrap,
-        TOPICS.images.name,
-        60,
-        "back to ISR 3",
-        lambda ps: all(len(p["isr"]) == 3 for p in ps.values()),
-    )
 
     times = caption_times(worker.log())
     pause = max((b - a).total_seconds() for a, b in itertools.pairwise(times))
@@ -157,3 +166,43 @@ async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
         f"between captions {pause:.1f} s"
     )
     assert len(refused) < len(answers), "submits are accepted again within the failover"
+
+
+async def test_rolling_restart_of_every_node_under_load_loses_no_job(
+    replicated_stack: Stack,
+) -> None:
+    """Each node in turn is stopped (SIGTERM: Kafka's controlled shutdown moves its
+    leaderships first), started again, and back in every ISR before the next one."""
+    stack = replicated_stack
+    cluster = stack.cluster
+    assert cluster is not None
+    worker = stack.start_worker()
+    gateway = stack.start_gateway()
+    job_ids = await submit_images(gateway, JOBS, first=1000)
+    await asyncio.to_thread(
+        wait_until, lambda: worker.log().count("captioned") >= 16, 60, "the first results", 0.1
+    )
+    started_at = time.monotonic()
+
+    async def rolling_restart() -> None:
+        for node in cluster.node_ids:
+            await asyncio.to_thread(cluster.stop_node, node)
+            await asyncio.to_thread(cluster.start_node, node)
+            for topic in (TOPICS.images.name, TOPICS.job_state.name):
+                await wait_for_partitions(stack.bootstrap, topic, 60, "in sync", all_in_sync)
+
+    answers, accepted = await submit_while(
+        gateway, asyncio.ensure_future(rolling_restart()), salt=5
+    )
+    restart_s = time.monotonic() - started_at
+    refused = sum(code == 503 for _, code in answers)
+    await finish_all(stack, gateway, job_ids + accepted)
+    assert worker.alive()
+    times = caption_times(worker.log())
+    pause = max((b - a).total_seconds() for a, b in itertools.pairwise(times))
+    print(
+        f"rolling restart of {len(cluster.node_ids)} nodes in {restart_s:.0f} s under load: "
+        f"{len(answers)} submits, {refused} answered 503; the worker's longest pause "
+        f"between captions {pause:.1f} s"
+    )
+    assert refused < len(answers), "submits are accepted during a rolling restart"
