@@ -42,8 +42,7 @@ def _process_group(item: pytest.Item) -> str:
     tests share its module fixtures (a stack, the 3-node cluster), per broker kind.
     Groups run side by side; unit tests go wherever there is room."""
     names = getattr(item, "fixturenames", ())
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    kind = str(params.get("broker_kind", "embedded"))
+    kind = _broker_kind_param(item) or "embedded"
     if "apache_kafka_cluster" in names:
         return "apache-3-nodes"
     if "stack" in names or "worker" in names:
@@ -55,12 +54,18 @@ def _process_group(item: pytest.Item) -> str:
     return f"{item.path.stem}-{kind}"
 
 
+def _broker_kind_param(item: pytest.Item) -> str | None:
+    """The broker a `brokers`-marked test was parametrized with, if any."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return str(params["broker_kind"]) if "broker_kind" in params else None
+
+
 def _broker_of(item: pytest.Item) -> str:
     """Which Kafka a test runs on, for the summary."""
     names = getattr(item, "fixturenames", ())
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and "broker_kind" in callspec.params:
-        return str(callspec.params["broker_kind"])
+    kind = _broker_kind_param(item)
+    if kind is not None:
+        return kind
     if "apache_kafka_cluster" in names:
         return "apache (3 nodes)"
     if "apache_kafka" in names:

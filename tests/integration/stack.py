@@ -324,6 +324,25 @@ def s3_server(log_path: Path, bucket: str = "tansu") -> Iterator[S3Server]:
 
 
 @contextlib.contextmanager
+def stack_on(cluster: ApacheKafkaCluster, root: Path, **spawn_env: str) -> Iterator[Stack]:
+    """A stack on a running Apache Kafka (its data and logs under `root`); its
+    components are stopped on exit, the cluster is left running."""
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(
+        bootstrap=cluster.bootstrap,
+        data_dir=root / "data",
+        log_dir=root / "logs",
+        broker_kind="apache",
+        cluster=cluster,
+        spawn_env=dict(spawn_env),
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+@contextlib.contextmanager
 def own_stack(
     root: Path, s3: S3Server | None = None, broker_kind: str = "embedded", **spawn_env: str
 ) -> Iterator[Stack]:
@@ -340,19 +359,11 @@ def own_stack(
         from tests.integration.apache import require_apache_kafka
 
         require_apache_kafka()
-        with ApacheKafkaCluster(root / "kafka", nodes=1) as cluster:
-            stack = Stack(
-                bootstrap=cluster.bootstrap,
-                data_dir=root / "data",
-                log_dir=root / "logs",
-                broker_kind="apache",
-                cluster=cluster,
-                spawn_env=dict(spawn_env),
-            )
-            try:
-                yield stack
-            finally:
-                stack.stop_all()
+        with (
+            ApacheKafkaCluster(root / "kafka", nodes=1) as cluster,
+            stack_on(cluster, root, **spawn_env) as stack,
+        ):
+            yield stack
         return
     broker = EmbeddedBroker(
         port=free_port(),

@@ -29,6 +29,7 @@ from tests.integration.stack import (
     Gateway,
     Stack,
     check_one_caption_per_job,
+    stack_on,
     submit_images,
     wait_until,
 )
@@ -39,26 +40,17 @@ FAILOVER_SUBMIT_S = 10.0
 
 @pytest.fixture
 def replicated_stack(tmp_path: Path, apache_kafka_cluster: ApacheKafkaCluster) -> Iterator[Stack]:
-    (tmp_path / "logs").mkdir()
-    stack = Stack(
-        bootstrap=apache_kafka_cluster.bootstrap,
-        data_dir=tmp_path / "data",
-        log_dir=tmp_path / "logs",
-        broker_kind="apache",
-        cluster=apache_kafka_cluster,
-        spawn_env={
-            "CAPTIONSTREAM_CAPTIONER": "tests.integration.flaky:create_slow",
-            "CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE": "0.05",
-            "CAPTIONSTREAM_MAX_BATCH_SIZE": "8",
-            "CAPTIONSTREAM_REPLICATION_FACTOR": "3",
-            # a submit is answered (202 or 503) within this, failover or not
-            "CAPTIONSTREAM_KAFKA_TIMEOUT_S": "5",
-        },
-    )
-    try:
+    with stack_on(
+        apache_kafka_cluster,
+        tmp_path,
+        CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+        CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
+        CAPTIONSTREAM_MAX_BATCH_SIZE="8",
+        CAPTIONSTREAM_REPLICATION_FACTOR="3",
+        # a submit is answered (202 or 503) within this, failover or not
+        CAPTIONSTREAM_KAFKA_TIMEOUT_S="5",
+    ) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 async def submit_while(
@@ -106,20 +98,19 @@ async def finish_all(stack: Stack, gateway: Gateway, job_ids: list[str]) -> None
     assert {v["status"] for v in views.values()} == {"SUCCESS"}
     await check_one_caption_per_job(stack.bootstrap, views, job_ids)
     for topic in (TOPICS.images.name, TOPICS.job_state.name):
-        await wait_for_partitions(
-            stack.bootstrap, topic, 60, "back to ISR 3", lambda ps: all_in_sync(ps)
-        )
+        await wait_for_partitions(stack.bootstrap, topic, 60, "back to ISR 3", all_in_sync)
 
 
 def all_in_sync(partitions: dict[int, dict[str, object]]) -> bool:
     return all(len(p["isr"]) == 3 for p in partitions.values())  # type: ignore[arg-type]
 
 
-def caption_times(log: str) -> list[datetime]:
-    """When the worker logged each caption."""
+def longest_pause_s(log: str) -> float:
+    """The longest time between two captions in a worker's log."""
     stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[INFO\]"
     stamps = re.findall(stamp + r" job \w+ captioned", log)
-    return [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in stamps]
+    times = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in stamps]
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
 async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
@@ -131,11 +122,7 @@ async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
     worker = stack.start_worker()
     gateway = stack.start_gateway()
     images = await wait_for_partitions(
-        stack.bootstrap,
-        TOPICS.images.name,
-        30,
-        "replicated on every node",
-        lambda ps: all(len(p["isr"]) == 3 for p in ps.values()),
+        stack.bootstrap, TOPICS.images.name, 30, "replicated on every node", all_in_sync
     )
     leader = Counter(p["leader"] for p in images.values()).most_common(1)[0][0]
 
@@ -157,8 +144,7 @@ async def test_sigkill_of_the_images_leader_under_load_loses_no_job(
     await finish_all(stack, gateway, job_ids + accepted)
     assert worker.alive()
 
-    times = caption_times(worker.log())
-    pause = max((b - a).total_seconds() for a, b in itertools.pairwise(times))
+    pause = longest_pause_s(worker.log())
     window = f" ({min(refused):.1f}-{max(refused):.1f} s after the kill)" if refused else ""
     print(
         f"node {leader} SIGKILLed with jobs in flight: {len(answers)} submits during the "
@@ -198,8 +184,7 @@ async def test_rolling_restart_of_every_node_under_load_loses_no_job(
     refused = sum(code == 503 for _, code in answers)
     await finish_all(stack, gateway, job_ids + accepted)
     assert worker.alive()
-    times = caption_times(worker.log())
-    pause = max((b - a).total_seconds() for a, b in itertools.pairwise(times))
+    pause = longest_pause_s(worker.log())
     print(
         f"rolling restart of {len(cluster.node_ids)} nodes in {restart_s:.0f} s under load: "
         f"{len(answers)} submits, {refused} answered 503; the worker's longest pause "
