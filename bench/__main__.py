@@ -23,11 +23,11 @@ import os
 import shlex
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import bare, pipeline
+from bench.console import elapsed_s, progress, publish_report
 from bench.images import compare_decoding, decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
 from bench.stats import (
@@ -46,15 +46,6 @@ ROOT = Path(__file__).resolve().parent
 ALLOCATOR_ENV = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_")
 
 MANY_FAULTS_PER_IMAGE = 10_000  # more: say that malloc is costing time
-
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    elapsed = time.monotonic() - _started
-    print(
-        f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {message}", file=sys.stderr, flush=True
-    )
 
 
 def _ints(text: str) -> list[int]:
@@ -433,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"off ({malloc.skipped})"
         ),
         "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
-        "run time": f"{(time.monotonic() - _started) / 60:.1f} min",
+        "run time": f"{elapsed_s() / 60:.1f} min",
     }
     report = Report(
         "captionstream benchmark",
@@ -446,11 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare_after=bare_after,
         paired=paired,
     )
-    text = report.markdown()
-    print(text)
-    if args.output != "-":
-        Path(args.output).write_text(text)
-        progress(f"wrote {args.output}")
+    publish_report(report.markdown(), args.output)
     return 0
 
 

@@ -32,6 +32,7 @@ import httpx
 from PIL import Image
 
 from bench import bare
+from bench.console import progress, publish_report
 from bench.images import decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
 from bench.pipeline import running_stack
@@ -40,13 +41,6 @@ from bench.system import CpuMeter, machine_description
 
 ROOT = Path(__file__).resolve().parent
 TERMINAL = ("SUCCESS", "FAILURE")
-
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    elapsed = int(time.monotonic() - _started)
-    print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", file=sys.stderr, flush=True)
 
 
 def tiny_pngs(count: int, salt: int) -> list[bytes]:
@@ -250,10 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
         ]
     )
-    print(report)
-    if args.output != "-":
-        Path(args.output).write_text(report)
-        progress(f"written to {args.output}")
+    publish_report(report, args.output)
     return 0
 
 
