@@ -1,6 +1,8 @@
 """docker-compose.kafka.yml, checked against the code it deploys (no Docker engine here:
-this is the check). Settings the services set must exist, the topic step must create
-exactly the project's topics with their layouts, and workers must scale.
+this is the check). Settings the services set must exist, Kafka must be the version the
+project pins, the topics step must be the project's own `captionstream topics --create`
+with the workers' settings (so it creates exactly the plan the code declares), and
+workers must scale.
 """
 
 from __future__ import annotations
@@ -12,21 +14,35 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 from pydantic_settings import BaseSettings
 
+from captionstream.apache_kafka import KAFKA_VERSION, POM_PATH
+from captionstream.cli import build_parser, cmd_topics
+from captionstream.kafka.topics import (
+    PROCESSOR_TABLES,
+    changelog_topic,
+    leader_topic,
+    topic_plan,
+)
 from captionstream.settings import GatewaySettings, KafkaProfile, ProcessorSettings
 from schemas.topics import TOPICS
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.kafka.yml"
+KAFKA_IMAGE = "apache/kafka"
 
-# `captionstream <command>` -> the settings class that command reads.
-SETTINGS_OF_COMMAND: dict[str, type[BaseSettings]] = {
-    "gateway": GatewaySettings,
-    "worker": ProcessorSettings,
+# `captionstream <command>` -> the settings classes that command reads (the first one for
+# what it does; `topics` reads the gateway's only for the ACLs it prints).
+SETTINGS_OF_COMMAND: dict[str, tuple[type[BaseSettings], ...]] = {
+    "gateway": (GatewaySettings,),
+    "worker": (ProcessorSettings,),
+    "topics": (ProcessorSettings, GatewaySettings),
 }
+# Commands that run once and exit (the others are long-running services).
+ONE_SHOT_COMMANDS = {"topics"}
 
 _VARIABLE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))")
 
@@ -90,6 +106,15 @@ def project_services(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[s
     }
 
 
+def long_running(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Project services that keep running (gateway and workers, not the topics step)."""
+    return {
+        name: service
+        for name, service in project_services(services).items()
+        if command_of(service)[:1] and command_of(service)[0] not in ONE_SHOT_COMMANDS
+    }
+
+
 def workers(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         name: service
@@ -103,21 +128,32 @@ def env_names(settings: type[BaseSettings]) -> set[str]:
     return {f"{prefix}{field}".upper() for field in settings.model_fields}
 
 
-def topic_commands(services: Mapping[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """topic name -> the arguments of the line that creates it, in the topics step."""
-    script = "\n".join(command_of(services["topics"])[-1:])
-    created: dict[str, list[str]] = {}
-    for line in interpolate(script).splitlines():
-        words = shlex.split(line)
-        if "--topic" in words and ("create" in words or "--create" in words):
-            name = words[words.index("--topic") + 1]
-            assert name not in created, f"{name} is created twice"
-            created[name] = words
-    return created
+def settings_of(service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch, index: int = 0) -> Any:
+    """The settings the service's command reads, from the service's environment only."""
+    for key in list(os.environ):
+        if key.startswith("CAPTIONSTREAM_"):
+            monkeypatch.delenv(key)
+    for key, value in environment(service).items():
+        monkeypatch.setenv(key, value)
+    return SETTINGS_OF_COMMAND[command_of(service)[0]][index]()
 
 
-def option_values(words: list[str], option: str) -> list[str]:
-    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == option]
+def pinned_kafka_version() -> str:
+    """`kafka.version` of the POM the project's own Kafka launcher gathers its jars with."""
+    namespace = {"m": "http://maven.apache.org/POM/4.0.0"}
+    found = ElementTree.parse(POM_PATH).getroot().find("m:properties/m:kafka.version", namespace)
+    assert found is not None, f"no kafka.version in {POM_PATH}"
+    assert found.text, f"empty kafka.version in {POM_PATH}"
+    return found.text.strip()
+
+
+def kafka_brokers(services: Mapping[str, dict[str, Any]]) -> list[str]:
+    return [
+        name
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith(f"{KAFKA_IMAGE}:")
+        and "broker" in environment(service).get("KAFKA_PROCESS_ROLES", "").split(",")
+    ]
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -127,7 +163,7 @@ def test_every_project_service_runs_a_known_command(
     services: dict[str, dict[str, Any]],
 ) -> None:
     found = {name: command_of(s)[:1] for name, s in project_services(services).items()}
-    assert {"gateway", "processor", "processor-gpu"} <= set(found)
+    assert {"gateway", "processor", "processor-gpu", "topics"} <= set(found)
     for name, command in found.items():
         assert command, f"{name} runs no command"
         assert command[0] in SETTINGS_OF_COMMAND, f"{name} runs {command}"
@@ -137,10 +173,12 @@ def test_every_captionstream_variable_is_a_setting_of_its_service(
     services: dict[str, dict[str, Any]],
 ) -> None:
     for name, service in project_services(services).items():
-        settings = SETTINGS_OF_COMMAND[command_of(service)[0]]
+        classes = SETTINGS_OF_COMMAND[command_of(service)[0]]
         variables = {key for key in environment(service) if key.startswith("CAPTIONSTREAM_")}
-        unknown = variables - env_names(settings)
-        assert not unknown, f"{name} sets {sorted(unknown)}, not fields of {settings.__name__}"
+        unknown = variables - set().union(*(env_names(settings) for settings in classes))
+        assert not unknown, f"{name} sets {sorted(unknown)}, not fields of " + ", ".join(
+            settings.__name__ for settings in classes
+        )
 
 
 def test_only_project_services_set_captionstream_variables(
@@ -151,46 +189,68 @@ def test_only_project_services_set_captionstream_variables(
             assert not [key for key in environment(service) if key.startswith("CAPTIONSTREAM_")]
 
 
-@pytest.mark.parametrize("name", ["gateway", "processor", "processor-gpu"])
+@pytest.mark.parametrize("name", ["gateway", "processor", "processor-gpu", "topics"])
 def test_each_services_environment_parses_into_its_settings(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    for key in list(os.environ):
-        if key.startswith("CAPTIONSTREAM_"):
-            monkeypatch.delenv(key)
-    for key, value in environment(services[name]).items():
-        monkeypatch.setenv(key, value)
-    settings = SETTINGS_OF_COMMAND[command_of(services[name])[0]]()
-    assert settings.model_dump()["kafka_bootstrap"] == "kafka:9092"
-    assert settings.model_dump()["profile"] is KafkaProfile.KAFKA
-    assert str(settings.model_dump()["data_dir"]) == "/data"
+    for index in range(len(SETTINGS_OF_COMMAND[command_of(services[name])[0]])):
+        settings = settings_of(services[name], monkeypatch, index)
+        assert settings.model_dump()["kafka_bootstrap"] == "kafka:9092"
+        assert settings.model_dump()["profile"] is KafkaProfile.KAFKA
+        assert str(settings.model_dump()["data_dir"]) == "/data"
 
 
 # --- topics -----------------------------------------------------------------------------
 
 
-def test_topic_step_creates_exactly_the_projects_topics(
+def test_topics_step_is_captionstream_topics_create(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    assert set(topic_commands(services)) == {spec.name for spec in TOPICS.all()}
+    """The project's own command (parsed by the real CLI parser), from the project's
+    image: the plan it creates is the code's, never a hand-written copy."""
+    step = services["topics"]
+    assert "topics" in project_services(services)
+    command = command_of(step)
+    assert command == ["topics", "--create"]
+    args = build_parser().parse_args(command)
+    assert args.func is cmd_topics
+    assert args.create is True
+    assert "entrypoint" not in step  # the image's entry point: `captionstream`
+    assert step.get("restart") == "no"  # runs once; restarted, it would never complete
 
 
-@pytest.mark.parametrize("spec", TOPICS.all(), ids=[spec.name for spec in TOPICS.all()])
-def test_topics_are_compacted_exactly_when_the_code_says(
-    services: dict[str, dict[str, Any]], spec: Any
+def test_no_service_creates_topics_by_hand(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        script = " ".join([*command_of(service), str(service.get("entrypoint", ""))])
+        assert "kafka-topics" not in script, name
+
+
+def test_topics_step_creates_the_plan_the_services_use(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    words = topic_commands(services)[spec.name]
-    configs = option_values(words, "--config")
-    assert ("cleanup.policy=compact" in configs) == spec.compacted, configs
-    assert not [c for c in configs if c.startswith("cleanup.policy=") and c.endswith("delete")]
+    """The step's plan holds the project's topics and Faust's (the processor's table
+    changelogs and assignor leader topic), with the partition count and processor group
+    every worker runs with, so workers find every topic they use as they use it."""
+    step = settings_of(services["topics"], monkeypatch)
+    plan = topic_plan(step.partitions, step.group_id)
+    names = [topic.name for topic in plan]
+    assert len(names) == len(set(names))
+    faust = {changelog_topic(step.group_id, table) for table in PROCESSOR_TABLES}
+    faust.add(leader_topic(step.group_id))
+    assert set(names) == {spec.name for spec in TOPICS.all()} | faust
+    for name, service in workers(services).items():
+        worker = settings_of(service, monkeypatch)
+        assert topic_plan(worker.partitions, worker.group_id) == plan, name
+    gateway = settings_of(services["gateway"], monkeypatch)
+    assert gateway.partitions == step.partitions
 
 
 def test_partition_counts_match_the_services_setting(
     services: dict[str, dict[str, Any]],
 ) -> None:
     """The processor's table changelogs are created with CAPTIONSTREAM_PARTITIONS and
-    must be co-partitioned with the images topic; the gateway would create a missing
-    topic with it too."""
+    must be co-partitioned with the images topic; every service checks the existing
+    topics against it, and the gateway would create a missing topic with it."""
     settings = {
         environment(s).get("CAPTIONSTREAM_PARTITIONS") for s in project_services(services).values()
     }
@@ -198,14 +258,23 @@ def test_partition_counts_match_the_services_setting(
     (partitions,) = settings
     assert partitions is not None
     assert int(partitions) >= 1
-    for name, words in topic_commands(services).items():
-        assert option_values(words, "--partitions") == [partitions], name
 
 
-def test_topic_step_is_idempotent_and_topics_are_never_auto_created(
-    services: dict[str, dict[str, Any]],
+def test_replication_factor_is_explicit_and_fits_the_brokers(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert "--if-not-exists" in command_of(services["topics"])[-1]
+    """Unset, topics would get whatever the broker defaults to; the demo's single broker
+    holds one replica, so every service sets that explicitly."""
+    brokers = kafka_brokers(services)
+    assert brokers == ["kafka"]
+    for name, service in project_services(services).items():
+        assert "CAPTIONSTREAM_REPLICATION_FACTOR" in environment(service), name
+        settings = settings_of(service, monkeypatch)
+        assert settings.replication_factor is not None, name
+        assert 1 <= settings.replication_factor <= len(brokers), name
+
+
+def test_topics_are_never_auto_created(services: dict[str, dict[str, Any]]) -> None:
     assert environment(services["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
 
 
@@ -217,7 +286,8 @@ def test_topics_run_once_kafka_is_healthy_and_before_the_services(
 ) -> None:
     assert "healthcheck" in services["kafka"]
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    for name in project_services(services):
+    assert {"gateway", "processor", "processor-gpu"} <= set(long_running(services))
+    for name in long_running(services):
         depends = services[name]["depends_on"]
         assert depends["topics"]["condition"] == "service_completed_successfully", name
         assert depends["kafka"]["condition"] == "service_healthy", name
@@ -235,6 +305,53 @@ def test_kafka_runs_in_kraft_mode_on_a_volume(
     volume, _, target = services["kafka"]["volumes"][0].partition(":")
     assert target == env["KAFKA_LOG_DIRS"]
     assert volume in compose["volumes"]
+
+
+def test_kafka_is_the_4x_version_the_project_pins(services: dict[str, dict[str, Any]]) -> None:
+    """The same Apache Kafka release as the project's own launcher (the tests' brokers):
+    captionstream/apache_kafka.py and the POM it gathers the jars with."""
+    images = {
+        name: str(service["image"])
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith(f"{KAFKA_IMAGE}:")
+    }
+    assert images == {"kafka": images["kafka"]}, "only the broker runs Kafka's image"
+    tag = images["kafka"].removeprefix(f"{KAFKA_IMAGE}:")
+    assert tag == KAFKA_VERSION == pinned_kafka_version()
+    assert re.fullmatch(r"4\.\d+\.\d+", tag), tag
+
+
+def test_kafka_single_node_kraft_settings(services: dict[str, dict[str, Any]]) -> None:
+    env = environment(services["kafka"])
+    assert env["CLUSTER_ID"]
+    listeners = {
+        name: address
+        for name, _, address in (
+            item.partition("://") for item in env["KAFKA_LISTENERS"].split(",")
+        )
+    }
+    protocols = dict(
+        item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    assert set(listeners) == set(protocols)
+    controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    controller_port = listeners[controller].rpartition(":")[2]
+    # The node votes for itself, on its controller listener, by the service's name.
+    assert (
+        env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:{controller_port}"
+    )
+    advertised = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert controller not in advertised
+    assert advertised[env["KAFKA_INTER_BROKER_LISTENER_NAME"]] == "kafka:9092"
+    # One node: Kafka's internal topics (default replication factor 3) get one replica.
+    for setting in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR",
+    ):
+        assert env[setting] == "1", setting
 
 
 # --- scaling, GPU, metrics, volumes ---------------------------------------------------------
@@ -285,17 +402,24 @@ def test_workers_serve_metrics_that_prometheus_scrapes(
         assert str(processor_sd["port"]) == port
 
 
+def mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """target -> source of a service's `source:target[:mode]` volumes."""
+    found: dict[str, str] = {}
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        found[rest.partition(":")[0]] = source
+    return found
+
+
 def test_model_cache_and_blobs_are_named_volumes(
     compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
     declared = set(compose["volumes"])
     for name, service in workers(services).items():
-        mounts = dict(reversed(str(v).split(":")[:2]) for v in service["volumes"])
-        assert mounts[environment(service)["HF_HOME"]] in declared, name
-    for name, service in project_services(services).items():
-        mounts = dict(reversed(str(v).split(":")[:2]) for v in service["volumes"])
+        assert mounts(service)[environment(service)["HF_HOME"]] in declared, name
+    for name, service in long_running(services).items():
         blobs = f"{environment(service)['CAPTIONSTREAM_DATA_DIR']}/blobs"
-        assert mounts[blobs] == "blobs", name  # one blob store for gateway and workers
+        assert mounts(service)[blobs] == "blobs", name  # one blob store for gateway and workers
     assert "blobs" in declared
 
 
