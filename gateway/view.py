@@ -17,7 +17,7 @@ from datetime import datetime
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from captionstream.kafka import KafkaConnection, assign_whole_topic, stop_consumer
+from captionstream.kafka import KafkaConnection, assign_whole_topic, readable_end, stop_consumer
 from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,8 @@ class JobStateFollower:
                     self._apply(record.key, record.value)
             if pending:
                 for tp in list(pending):
-                    highwater = self.consumer.highwater(tp)
-                    if highwater is not None and await self.consumer.position(tp) >= highwater:
+                    end = readable_end(self.consumer, tp)
+                    if end is not None and await self.consumer.position(tp) >= end:
                         pending.discard(tp)
                 if not pending:
                     self.caught_up.set()

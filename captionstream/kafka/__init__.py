@@ -21,6 +21,7 @@ from captionstream.kafka.readers import (
     fetch_highwaters,
     list_topics,
     read_record_at,
+    readable_end,
     start_topic_reader,
     stop_consumer,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "own_topics",
     "processor_topics",
     "read_record_at",
+    "readable_end",
     "start_topic_reader",
     "stop_consumer",
     "topic_config",

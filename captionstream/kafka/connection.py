@@ -97,12 +97,20 @@ class KafkaConnection:
         retry (where the broker allows), compressed (per profile)."""
         return AIOKafkaProducer(**self.producer_kwargs(request_timeout_s))
 
+    @property
+    def isolation_level(self) -> str:
+        """Readers see committed records only where transactions exist: an exactly-once
+        worker's writes of an aborted transaction (a worker killed mid-batch) are never
+        read. Without transactions on the log the two levels read the same."""
+        return "read_committed" if self.tuning.transactions else "read_uncommitted"
+
     def reader(self, **overrides: Any) -> AIOKafkaConsumer:
         """A group-less consumer: the caller assigns partitions; nothing is committed."""
         kwargs: dict[str, Any] = {
             **self._common(),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
+            "isolation_level": self.isolation_level,
         }
         return AIOKafkaConsumer(**{**kwargs, **overrides})
 
@@ -126,6 +134,7 @@ class KafkaConnection:
             "group_id": group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
+            "isolation_level": self.isolation_level,
         }
         return AIOKafkaConsumer(**{**kwargs, **overrides})
 

@@ -93,6 +93,18 @@ async def start_topic_reader(
     return consumer
 
 
+def readable_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """Where `consumer` can read `tp` up to, from its last fetch response (None before
+    one): the high watermark, or for a read_committed consumer the last stable offset
+    (a transaction still open keeps records above it out of sight). A reader that waits
+    for the high watermark instead would wait for every open transaction to end."""
+    lso = consumer.last_stable_offset(tp)
+    if lso is not None and lso >= 0:  # -1: read_uncommitted; None: not known yet
+        return int(lso)
+    highwater = consumer.highwater(tp)
+    return None if highwater is None else int(highwater)
+
+
 async def fetch_highwaters(
     connection: KafkaConnection, tps: Collection[TopicPartition], timeout_s: float = 30
 ) -> dict[TopicPartition, int]:
@@ -113,11 +125,11 @@ async def fetch_highwaters(
         for tp, offset in listed.items():
             consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while missing := [tp for tp in tps if consumer.highwater(tp) is None]:
+        while missing := [tp for tp in tps if readable_end(consumer, tp) is None]:
             if asyncio.get_running_loop().time() > deadline:
                 raise BrokerError(f"no fetch response for {missing} within {timeout_s}s")
             await consumer.getmany(*missing, timeout_ms=200, max_records=1)
-        return {tp: max(listed[tp], consumer.highwater(tp)) for tp in tps}
+        return {tp: max(listed[tp], readable_end(consumer, tp) or 0) for tp in tps}
     finally:
         await stop_consumer(consumer)
 
@@ -138,8 +150,8 @@ async def read_record_at(
             records = batches.get(tp, [])
             if records:
                 return records[0]
-            highwater = consumer.highwater(tp)
-            if highwater is not None and offset >= highwater:
+            end = readable_end(consumer, tp)
+            if end is not None and offset >= end:
                 return None
             if asyncio.get_running_loop().time() > deadline:
                 raise BrokerError(f"no record of {tp} at offset {offset} within {timeout_s}s")
