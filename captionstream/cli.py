@@ -29,6 +29,7 @@ from captionstream.settings import (
     CommonSettings,
     GatewaySettings,
     KafkaProfile,
+    ProcessingGuarantee,
     ProcessorSettings,
 )
 
@@ -193,8 +194,10 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
     settings = ProcessorSettings()
     plan = topic_plan(settings.partitions, settings.group_id)
+    # Exactly-once workers' transactional ids start with the group id (processor.transport).
+    exactly_once = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
     acls = component_acls(
-        settings.group_id, GatewaySettings().webhook_group_id, transactional=False
+        settings.group_id, GatewaySettings().webhook_group_id, transactional=exactly_once
     )
     print(render_plan(plan, settings.replication_factor, acls))
     if args.create:

@@ -41,6 +41,17 @@ class KafkaCompression(enum.StrEnum):
     SNAPPY = "snappy"
 
 
+class ProcessingGuarantee(enum.StrEnum):
+    """What a worker promises about each input record's effects (Faust's names)."""
+
+    # Outputs may be written again when a worker dies mid-batch; the job table makes
+    # redeliveries agree (one event id per job), consumers deduplicate by event id.
+    AT_LEAST_ONCE = "at_least_once"
+    # Kafka transactions: read_committed consumers see each job's caption exactly once.
+    # Needs a broker with transactions (the kafka profile; not the embedded broker).
+    EXACTLY_ONCE = "exactly_once"
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / (
         "captionstream"
@@ -350,6 +361,12 @@ class ProcessorSettings(CommonSettings):
     )
     metrics_host: str = "127.0.0.1"
     group_id: str = "captionstream-processor"
+    processing_guarantee: ProcessingGuarantee = Field(
+        default=ProcessingGuarantee.AT_LEAST_ONCE,
+        description="`at_least_once`, or `exactly_once`: Kafka transactions, so a "
+        "read_committed consumer sees one caption event per job even when a worker dies "
+        "mid-batch (the kafka profile only; tables are then held in memory).",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Attempts for a transient failure.")
     retry_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay.")
     retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Cap on retry delay.")

@@ -20,7 +20,7 @@ import faust
 from faust.streams import _current_event as faust_current_event
 
 from captionstream.kafka import KafkaConnection
-from captionstream.settings import ProcessorSettings
+from captionstream.settings import ProcessingGuarantee, ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.captioner import Captioner
 from processor.inference import InferenceThread
@@ -32,7 +32,7 @@ from processor.pipeline import (
     caption_batch,
     handle_batch,
 )
-from processor.transport import FlowSafeTableManager, use_transport
+from processor.transport import CommitGate, FlowSafeTableManager, use_transport
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -184,11 +184,19 @@ def create_app(
 ) -> ProcessorApp:
     """Wire the worker's Faust app. `inference` is the thread the captioner was loaded
     on; every batch runs there too (see processor.inference for why it must be one).
-    Every topic it uses exists before it starts (`captionstream.kafka.topics`)."""
+    Every topic it uses exists before it starts (`captionstream.kafka.topics`).
+
+    Exactly-once: every batch's captions, job states, retries, dead letters and table
+    writes commit atomically with its input offsets, one transaction per partition
+    (processor.transport); tables are in memory, rebuilt from the committed changelog.
+    """
+    exactly_once = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+    gate = CommitGate() if exactly_once else None
     app = faust.App(
         settings.group_id,
         **kafka.faust_settings(),
-        store="rocksdb://",
+        processing_guarantee=settings.processing_guarantee.value,
+        store="memory://" if exactly_once else "rocksdb://",
         datadir=str(datadir),
         TableManager=FlowSafeTableManager,
         topic_partitions=settings.partitions,
@@ -205,7 +213,16 @@ def create_app(
         key_serializer="raw",
         value_serializer="raw",
     )
-    use_transport(app, kafka)
+    use_transport(app, kafka, gate)
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work() -> Any:
+        """No commit (exactly-once: no transaction commit) inside: see CommitGate."""
+        if gate is None:
+            yield
+        else:
+            async with gate.hold():
+                yield
 
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(
@@ -270,13 +287,14 @@ def create_app(
             deliveries = [
                 Delivery(value=event.value, origin=event, key=event.key) for event in events
             ]
-            finals = await handle_batch(
-                deliveries,
-                store=store,
-                sink=sink,
-                run_captioning=run_captioning,
-                policy=policy,
-            )
+            async with unit_of_work():
+                finals = await handle_batch(
+                    deliveries,
+                    store=store,
+                    sink=sink,
+                    run_captioning=run_captioning,
+                    policy=policy,
+                )
             metrics.observe_finals(finals)
 
     @app.agent(control)
@@ -295,12 +313,13 @@ def create_app(
                 cancelled[key] = request.requested_at.isoformat().encode()
                 log.info("job %s: cancellation requested", request.job_id)
                 continue
-            if jobs.get(key) is None:
-                continue  # already expired (the janitor may ask twice)
-            del jobs[key]
-            if cancelled.get(key) is not None:
-                del cancelled[key]
-            await sink.forget(request.job_id)
+            async with unit_of_work():
+                if jobs.get(key) is None:
+                    continue  # already expired (the janitor may ask twice)
+                del jobs[key]
+                if cancelled.get(key) is not None:
+                    del cancelled[key]
+                await sink.forget(request.job_id)
             if request.image_ref is not None:
                 await asyncio.to_thread(
                     blobs.delete_if_idle_sync, request.image_ref, settings.job_ttl_s
@@ -318,7 +337,16 @@ def create_app(
             state = decode_job_state(raw)
             if state.finished_at is not None and state.finished_at < cutoff:
                 due = JobExpiryDue(job_id=state.job_id, image_ref=state.image_ref, due_at=now)
-                await control.send(key=key, value=due.model_dump_json().encode())
+                value = due.model_dump_json().encode()
+                if exactly_once:
+                    # Outside any transaction: one on an idle partition would stay open
+                    # (no offsets to commit it with) until the broker aborts it. A
+                    # request sent twice is harmless (the deletion checks the table).
+                    await app.producer.send_and_wait(
+                        control.get_topic_name(), key, value, None, None, None
+                    )
+                else:
+                    await control.send(key=key, value=value)
 
     @app.agent(retries)
     async def release_retries(stream: Any) -> None:
@@ -331,8 +359,9 @@ def create_app(
             delay = seconds_until_due(event.headers, utcnow())
             if delay:
                 await asyncio.sleep(delay)
-            fut = await images.send(key=event.key, value=event.value)
-            await fut
+            async with unit_of_work():
+                fut = await images.send(key=event.key, value=event.value)
+                await fut
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def measure_lag(*_: Any) -> None:  # Faust passes the app to timers

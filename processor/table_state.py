@@ -90,9 +90,12 @@ class LocalPartition:
 
 
 def local_partitions(app: Any, partitions: int) -> Iterator[LocalPartition]:
-    """The table partitions of `app` (a `faust.App`) that have a database on disk."""
+    """The table partitions of `app` (a `faust.App`) that have a database on disk (none
+    for tables in memory: exactly-once workers)."""
     for table in app.tables.values():
         store = table.data
+        if not hasattr(store, "partition_path"):
+            continue
         topic = table.changelog_topic.get_topic_name()
         for partition in range(partitions):
             path = Path(store.partition_path(partition))

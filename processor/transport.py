@@ -22,20 +22,44 @@ Faust's transport internals.
   jobs stayed PENDING until the next rebalance (seen as 3-10 jobs stuck after a worker was
   SIGKILLed, about one run in five). `FlowSafeRecovery` stops the flow first, so nothing
   is fetched between resuming the partitions and emptying the queues.
+- **Exactly-once (kafka profile, `processing_guarantee=exactly_once`).** Faust runs one
+  transaction per input partition and commits each with the offsets of that partition.
+  Three things in its implementation would still show a job's caption twice, or never:
+  1. It picks a send's transaction from the destination partition *as its consumer's
+     metadata knows it*; a worker reads neither the captions nor the job-state topic, so
+     those sends went out with no transaction at all. `PartitionTransactions` picks the
+     transaction from the job's partition: every topic of ours is keyed by job id with
+     the same partition count, so that is also the input partition whose offsets the
+     transaction commits.
+  2. It commits from its own timer, concurrently with the agents: a commit in the middle
+     of a batch made a caption visible while the table's SUCCESS for it (written after)
+     went into the next transaction; a crash then redid the job and showed a second
+     caption. `GatedConsumer` commits only while no agent holds the `CommitGate`, and the
+     agents hold it for each batch (or control request) from first send to last write.
+  3. Its tables keep writes of aborted transactions: a store that still holds a job's
+     uncommitted SUCCESS after its transaction was aborted skips the redelivered job
+     for good. Tables then live in memory (rebuilt from the committed changelog when a
+     worker starts) and `FlowSafeTableManager` forgets the partitions a worker loses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping, MutableMapping
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.partitioner import murmur2
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
+from faust.transport.consumer import TransactionManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from faust.types.tuples import RecordMetadata
 
 from captionstream.kafka import KafkaConnection, fetch_highwaters
+from schemas.topics import TOPICS
 
 
 class FetchHighwaterConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -54,8 +78,88 @@ class IdempotentProducer(faust_aiokafka.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
-def transport_for(kafka: KafkaConnection) -> type[faust_aiokafka.Transport]:
-    """A `kafka://` transport class with the profile's producer and consumer."""
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as the Java client and
+    aiokafka) gives a keyed record: where the gateway put the job's image event."""
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
+
+
+class CommitGate:
+    """Keeps offset commits (transaction commits, exactly-once) out of a unit of work.
+
+    Agents hold it from a unit's first send to its last table write; the consumer takes
+    it before each commit. Holders never wait for a commit, so holding it cannot
+    deadlock: a commit just waits for the batch in hand.
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self._lock:
+            yield
+
+    @property
+    def held(self) -> bool:
+        return self._lock.locked()
+
+
+class PartitionTransactions(TransactionManager):
+    """Faust's transaction manager, sending each record in the transaction of its key's
+    partition (see the module docstring, exactly-once 1)."""
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        if partition is None:
+            if key is None:
+                raise ValueError(f"exactly-once: a record for {topic} needs a key or partition")
+            partition = key_partition(key, self.app.conf.topic_partitions)
+        group = self._group_for(topic)
+        transactional_id = f"{self.app.conf.id}-{group}-{partition}"
+        return await self.producer.send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
+
+    def _group_for(self, topic: str) -> int:
+        """The topic's copartitioned group; a topic no worker reads (captions, job
+        state) goes with the images topic, whose offsets commit the job's work."""
+        assignor = self.app.assignor
+        try:
+            return int(assignor.group_for_topic(topic))
+        except KeyError:
+            return int(assignor.group_for_topic(TOPICS.images.name))
+
+
+def gated_consumer(
+    base: type[faust_aiokafka.Consumer], gate: CommitGate
+) -> type[faust_aiokafka.Consumer]:
+    """`base` committing only while no agent holds `gate` (exactly-once 2)."""
+
+    class GatedConsumer(base):  # type: ignore[valid-type,misc]
+        async def _commit_offsets(
+            self, offsets: Mapping[TP, int], start_new_transaction: bool = True
+        ) -> bool:
+            async with gate.hold():
+                return bool(await super()._commit_offsets(offsets, start_new_transaction))
+
+    return GatedConsumer
+
+
+def transport_for(
+    kafka: KafkaConnection, gate: CommitGate | None = None
+) -> type[faust_aiokafka.Transport]:
+    """A `kafka://` transport class with the profile's producer and consumer; with a
+    `gate`, the exactly-once consumer and transaction manager."""
 
     class ConsumerThread(FetchHighwaterConsumerThread):
         pass
@@ -66,18 +170,32 @@ def transport_for(kafka: KafkaConnection) -> type[faust_aiokafka.Transport]:
         def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    consumer: type[faust_aiokafka.Consumer] = faust_aiokafka.Consumer
+    if kafka.tuning.highwaters_from_fetch:
+        consumer = FetchHighwaterConsumer
+    if gate is not None:
+        consumer = gated_consumer(consumer, gate)
+
     class Transport(faust_aiokafka.Transport):
         if kafka.tuning.idempotent_producer:
             Producer = IdempotentProducer
-        if kafka.tuning.highwaters_from_fetch:
-            Consumer = FetchHighwaterConsumer
+        Consumer = consumer
+        TransactionManager = PartitionTransactions
 
     return Transport
 
 
-def use_transport(app: Any, kafka: KafkaConnection) -> None:
+def use_transport(app: Any, kafka: KafkaConnection, gate: CommitGate | None = None) -> None:
     """Give `app` (a `faust.App`, before it made its transport) the profile's transport."""
-    app.transport = transport_for(kafka)(app.conf.broker_consumer, app)
+    app.transport = transport_for(kafka, gate)(app.conf.broker_consumer, app)
+
+
+def forget_partitions(data: MutableMapping[Any, Any], revoked: set[int], partitions: int) -> int:
+    """Drop the keys of `revoked` partitions from an in-memory table; how many went."""
+    gone = [key for key in data if key_partition(key, partitions) in revoked]
+    for key in gone:
+        del data[key]
+    return len(gone)
 
 
 class FlowSafeRecovery(Recovery):
@@ -94,7 +212,29 @@ class FlowSafeRecovery(Recovery):
 
 
 class FlowSafeTableManager(TableManager):
-    """Faust's table manager with `FlowSafeRecovery`; given as `faust.App(TableManager=)`."""
+    """Faust's table manager with `FlowSafeRecovery`; given as `faust.App(TableManager=)`.
+
+    Under exactly-once its tables are in memory, and a partition the worker loses is
+    forgotten (exactly-once 3): it may hold writes of a transaction the next owner aborts,
+    and if the partition comes back it is recovered from the committed changelog.
+    """
+
+    async def on_rebalance(
+        self,
+        assigned: set[TP],
+        revoked: set[TP],
+        newly_assigned: set[TP],
+        generation_id: int = 0,
+    ) -> None:
+        if self.app.in_transaction and revoked:
+            for table in self.values():
+                lost = {tp.partition for tp in revoked if tp.topic == table.changelog_topic_name}
+                data = getattr(table.data, "data", None)
+                if lost and isinstance(data, MutableMapping):
+                    forget_partitions(
+                        data, lost, table.partitions or self.app.conf.topic_partitions
+                    )
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
     @property
     def recovery(self) -> Recovery:

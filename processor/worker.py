@@ -13,9 +13,9 @@ from typing import IO
 import faust
 
 from captionstream.errors import ConfigurationError
-from captionstream.kafka import KafkaConnection, ensure_topics, topic_plan
+from captionstream.kafka import KafkaConnection, ensure_topics, topic_plan, tuning_for
 from captionstream.logging_config import LogFormat, adopt_library_output, faust_logging_config
-from captionstream.settings import ProcessorSettings
+from captionstream.settings import ProcessingGuarantee, ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from ingest.validation import allow_pixels
 from processor.allocator import tune_malloc
@@ -100,7 +100,22 @@ def load_captioner(settings: ProcessorSettings) -> Captioner:
     return captioner
 
 
+def refuse_unsupported_guarantee(settings: ProcessorSettings) -> None:
+    """Exactly-once needs Kafka transactions: refuse at once on a broker without them,
+    rather than fail on the first batch (or, worse, silently run at-least-once)."""
+    if settings.processing_guarantee is not ProcessingGuarantee.EXACTLY_ONCE:
+        return
+    if not tuning_for(settings.profile).transactions:
+        raise ConfigurationError(
+            "CAPTIONSTREAM_PROCESSING_GUARANTEE=exactly_once needs Kafka transactions, "
+            f"which the {settings.profile.value} broker profile does not have (the embedded "
+            "broker rejects them). Use Apache Kafka or a compatible broker "
+            "(CAPTIONSTREAM_KAFKA_PROFILE=kafka), or processing_guarantee=at_least_once."
+        )
+
+
 def run_worker(settings: ProcessorSettings) -> None:
+    refuse_unsupported_guarantee(settings)
     if settings.log_format is LogFormat.JSON:
         adopt_library_output()  # no plain-text lines from transformers' logger or bars
     # Before torch and the inference thread allocate: the arena limit only applies to

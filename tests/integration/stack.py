@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,12 @@ class Gateway:
         return {j: r.json() for j, r in zip(job_ids, responses, strict=True)}
 
 
+def joined_generation(log: str) -> int | None:
+    """The generation of the group this worker last joined, from its log."""
+    joined = re.findall(r"Joined group '[^']*' \(generation (\d+)\)", log)
+    return int(joined[-1]) if joined else None
+
+
 async def submit_images(gateway: Gateway, count: int, first: int = 0) -> list[str]:
     """Upload `count` distinct small PNGs, 16 at a time; each must be accepted (202)."""
     limits = httpx.Limits(max_connections=16)
@@ -221,14 +228,23 @@ async def submit_images(gateway: Gateway, count: int, first: int = 0) -> list[st
         return list(await asyncio.gather(*(one(i) for i in range(first, first + count))))
 
 
-async def read_topic(bootstrap: str, topic: str, timeout_s: float = 5) -> list[tuple[bytes, bytes]]:
-    """All (key, value) records of `topic`, read from the beginning with a plain consumer."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def read_topic(
+    bootstrap: str, topic: str, timeout_s: float = 5, *, committed_only: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """All (key, value) records of `topic`, read from the beginning with a plain consumer;
+    `committed_only`: as a read_committed consumer (no record of an aborted or open
+    transaction; Apache Kafka only)."""
+    isolation = "read_committed" if committed_only else "read_uncommitted"
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation
+    )
     await consumer.start()
     try:
         tps = await assign_whole_topic(consumer, topic)
         # Not end_offsets(): ListOffsets is too low on the embedded broker's s3:// storage.
-        ends = await fetch_highwaters(KafkaConnection(bootstrap, KafkaProfile.EMBEDDED), tps)
+        # Read committed: up to the last stable offset (the kafka profile's readers).
+        profile = KafkaProfile.KAFKA if committed_only else KafkaProfile.EMBEDDED
+        ends = await fetch_highwaters(KafkaConnection(bootstrap, profile), tps)
         records: list[tuple[bytes, bytes]] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:

@@ -1,9 +1,14 @@
-"""Broker faults on a 3-node Apache Kafka (replication factor 3, min.insync.replicas 2),
-with jobs in flight: the node leading most of the images partitions is SIGKILLed and
-started again. Every accepted job must end SUCCESS with one caption; a submit during
-the failover is accepted or answered 503 with `Retry-After`, nothing hangs. The test
-prints the measured failover: how long submits were refused and how long the worker
-captioned nothing.
+"""Faults on a 3-node Apache Kafka (replication factor 3, min.insync.replicas 2), with
+jobs in flight.
+
+Broker faults: the node leading most of the images partitions is SIGKILLed and started
+again; separately, every node is restarted in turn. Every accepted job must end SUCCESS
+with one caption; a submit during the failover is accepted or answered 503 with
+`Retry-After`, nothing hangs. The tests print the measured failover: how long submits
+were refused and how long the worker captioned nothing.
+
+Worker fault under exactly-once: one of two workers is SIGKILLed mid-batch; a
+read_committed consumer of the captions topic sees exactly one caption event per job.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import itertools
 import re
 import signal
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +27,7 @@ import httpx
 import pytest
 
 from captionstream.apache_kafka import ApacheKafkaCluster
+from schemas.events import JobStatus, decode_caption_event, decode_job_state
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.apache import wait_for_partitions
@@ -29,6 +35,8 @@ from tests.integration.stack import (
     Gateway,
     Stack,
     check_one_caption_per_job,
+    joined_generation,
+    read_topic,
     stack_on,
     submit_images,
     wait_until,
@@ -191,3 +199,74 @@ async def test_rolling_restart_of_every_node_under_load_loses_no_job(
         f"between captions {pause:.1f} s"
     )
     assert refused < len(answers), "submits are accepted during a rolling restart"
+
+
+async def test_exactly_once_a_killed_worker_leaves_one_caption_per_job(
+    replicated_stack: Stack,
+) -> None:
+    """CAPTIONSTREAM_PROCESSING_GUARANTEE=exactly_once: a worker SIGKILLed in the middle
+    of a batch leaves its open transaction to be aborted. The survivor redoes that work,
+    and a read_committed consumer sees each job's caption once: not one per event id (the
+    at-least-once promise), one event."""
+    stack = replicated_stack
+    doomed, survivor = stack.start_workers(2, CAPTIONSTREAM_PROCESSING_GUARANTEE="exactly_once")
+    gateway = stack.start_gateway()
+
+    def generations() -> set[int | None]:
+        return {joined_generation(doomed.log()), joined_generation(survivor.log())}
+
+    await asyncio.to_thread(
+        wait_until,
+        lambda: None not in generations() and len(generations()) == 1,
+        60,
+        "the group to rebalance over both workers",
+    )
+    submitting = asyncio.create_task(submit_images(gateway, JOBS, first=2000))
+    await asyncio.to_thread(
+        wait_until, lambda: doomed.log().count("captioned") >= 8, 60, "the first results", 0.1
+    )
+    inflight = stack.data_dir / f"inflight-{doomed.proc.pid}"
+    await asyncio.to_thread(wait_until, inflight.exists, 30, "the doomed worker mid-batch", 0.02)
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait()
+    job_ids = await submitting
+
+    def unfinished() -> int:
+        views = asyncio.run(gateway.statuses(job_ids))
+        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
+
+    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
+    views = await gateway.statuses(job_ids)
+    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    assert survivor.alive()
+
+    events: dict[str, int] = defaultdict(int)
+    for key, value in await read_topic(stack.bootstrap, TOPICS.captions.name, committed_only=True):
+        event = decode_caption_event(value)
+        events[key.decode()] += 1
+        if key.decode() in views:
+            result = views[key.decode()]["result"]
+            assert isinstance(result, dict)
+            assert event.caption == result["caption"]  # type: ignore[union-attr]
+    assert {job_id: events[job_id] for job_id in job_ids} == dict.fromkeys(job_ids, 1)
+
+    # The kill did hit open work: job states of the aborted transaction are on the log
+    # (a read_uncommitted consumer sees them), and read_committed readers never saw them.
+    def started(records: list[tuple[bytes, bytes]]) -> int:
+        return sum(
+            decode_job_state(value).status is JobStatus.STARTED
+            for key, value in records
+            if value is not None and key.decode() in views
+        )
+
+    everything = await read_topic(stack.bootstrap, TOPICS.job_state.name)
+    committed = await read_topic(stack.bootstrap, TOPICS.job_state.name, committed_only=True)
+    assert started(everything) > started(committed) >= JOBS
+    on_log = sum(
+        key.decode() in views for key, _ in await read_topic(stack.bootstrap, TOPICS.captions.name)
+    )
+    print(
+        f"exactly-once, a worker SIGKILLed mid-batch: {JOBS} jobs, {on_log} caption events "
+        f"on the log, {JOBS} of them committed; "
+        f"{started(everything) - started(committed)} STARTED states aborted"
+    )

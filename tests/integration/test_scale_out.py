@@ -8,7 +8,6 @@ id), and the survivor must have taken over the dead worker's partitions.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from schemas.topics import TOPICS
 from tests.integration.stack import (
     Stack,
     check_one_caption_per_job,
+    joined_generation,
     own_stack,
     read_topic,
     submit_images,
@@ -44,12 +44,6 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> I
         CAPTIONSTREAM_MAX_BATCH_SIZE="8",
     ) as stack:
         yield stack
-
-
-def joined_generation(log: str) -> int | None:
-    """The generation of the group this worker last joined, from its log."""
-    joined = re.findall(r"Joined group '[^']*' \(generation (\d+)\)", log)
-    return int(joined[-1]) if joined else None
 
 
 async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> None:
