@@ -167,7 +167,13 @@ class EmbeddedBroker:
             )
         else:
             with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
-                self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=child_preexec(),
+                )
         deadline = time.monotonic() + timeout_s
         while not port_open(self.host, self.port):
             if self._proc.poll() is not None:
