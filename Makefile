@@ -77,7 +77,10 @@ schemas: install
 
 # A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine,
 # written to bench/RESULTS.md; then the stack under clients that poll (tiny and full-size
-# model), written to bench/RESULTS-polling.md. About 25 min on 2 idle CPU cores.
+# model), written to bench/RESULTS-polling.md. About 30 min on 2 idle CPU cores.
+# The pipeline runs on the embedded broker, then on Apache Kafka (one node), reported
+# side by side, where Java 17+ runs (else on the embedded broker alone, saying why);
+# BENCH_ARGS="--broker embedded|apache|both" picks (Apache Kafka adds ~6 min).
 # BENCH_ARGS="--quick" for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -10,6 +10,8 @@
    latency taken from each job's caption event. Then paired rounds: one bare batch in
    this process (the worker idle), one pipeline segment (this process idle), in turn,
    so the two are compared minute by minute on a machine whose speed drifts.
+   `--broker both` (the default where Java 17+ runs) does all of this on the embedded
+   broker, then again on Apache Kafka, and compares the two side by side.
 4. Prints the report and writes it to bench/RESULTS.md.
 
 Counts are small so a full run stays within ~15 minutes on 2 CPU cores; raise them
@@ -23,22 +25,24 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import bare, pipeline
 from bench.console import elapsed_s, progress, publish_report
 from bench.images import compare_decoding, decode, synthetic_jpegs
 from bench.model import NEW_TOKENS, build_bench_blip
+from bench.pipeline import BROKER_TITLES
 from bench.stats import (
     BarePoint,
+    BrokerRun,
     DecoderComparison,
-    PairedRound,
-    PipelineRun,
     Report,
     best_point,
+    percentile,
 )
 from bench.system import DISTURBED_CORES, machine_description
+from captionstream.settings import BrokerKind
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,6 +50,8 @@ ROOT = Path(__file__).resolve().parent
 ALLOCATOR_ENV = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_")
 
 MANY_FAULTS_PER_IMAGE = 10_000  # more: say that malloc is costing time
+
+BROKER_CHOICES = ("embedded", "apache", "both")  # --broker
 
 
 def _ints(text: str) -> list[int]:
@@ -123,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "segment of in-flight images, so both see the same minutes of a drifting machine "
         "(default 3; --quick 1; 0: measure bare again after the pipeline instead)",
     )
+    p.add_argument(
+        "--broker",
+        choices=BROKER_CHOICES,
+        default=None,
+        help="pipeline: the broker(s) to run it on; `both` runs the same workload on the "
+        "embedded broker, then on Apache Kafka (one KRaft node), and reports them side by "
+        "side (default: both where Java 17+ and the Kafka jars are usable, else embedded)",
+    )
     p.add_argument("--no-bare", action="store_true", help="skip the bare-model points")
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline run")
     p.add_argument(
@@ -173,6 +187,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apache_kafka_problem() -> str | None:
+    """Why Apache Kafka cannot run here, or None once its jars are gathered (the first
+    time: Maven downloads them, ~65 MB)."""
+    from captionstream.apache_kafka import ensure_kafka_jars, java_problem
+    from captionstream.errors import BrokerError
+
+    problem = java_problem()
+    if problem is not None:
+        return problem
+    try:
+        ensure_kafka_jars()
+    except BrokerError as exc:
+        return str(exc)
+    return None
+
+
+def choose_brokers(
+    choice: str | None, apache_problem: Callable[[], str | None]
+) -> tuple[list[BrokerKind], str | None]:
+    """The brokers to run the pipeline on, in order, and why Apache Kafka was left out
+    of a default run (None: it was not).
+
+    `choice` is `--broker`: None runs both where Apache Kafka can run here and the
+    embedded broker alone otherwise; `apache` or `both` where it cannot is a ValueError.
+    `apache_problem` says why it cannot (`apache_kafka_problem`); asked only if needed.
+    """
+    if choice is not None and choice not in BROKER_CHOICES:
+        raise ValueError(f"--broker {choice}: expected one of {', '.join(BROKER_CHOICES)}")
+    if choice == "embedded":
+        return [BrokerKind.EMBEDDED], None
+    problem = apache_problem()
+    if problem is not None:
+        if choice is not None:
+            raise ValueError(f"--broker {choice}: Apache Kafka cannot run here: {problem}")
+        return [BrokerKind.EMBEDDED], f"Apache Kafka skipped: {problem}"
+    if choice == "apache":
+        return [BrokerKind.APACHE], None
+    return [BrokerKind.EMBEDDED, BrokerKind.APACHE], None
+
+
+def broker_summary(runs: Sequence[BrokerRun]) -> list[str]:
+    """One progress line per broker after the first: how it compares with the first."""
+    base = runs[0]
+    lines = []
+    for other in runs[1:]:
+        line = (
+            f"{other.broker} / {base.broker}: {other.run.images_per_s:.2f} / "
+            f"{base.run.images_per_s:.2f} images/s "
+            f"({other.run.images_per_s / base.run.images_per_s:.2f}x)"
+        )
+        for q in (50, 99):
+            mine, theirs = percentile(other.run.latencies_s, q), percentile(base.run.latencies_s, q)
+            line += f", p{q} {mine:.2f} / {theirs:.2f} s ({mine / theirs:.2f}x)"
+        if other.paired_ratio is not None and base.paired_ratio is not None:
+            line += (
+                f", vs bare interleaved {other.paired_ratio:.2f} / {base.paired_ratio:.2f} "
+                f"({other.paired_ratio / base.paired_ratio:.2f}x)"
+            )
+        lines.append(line)
+    return lines
+
+
+def pipeline_notes(brokers: Sequence[BrokerKind], loaded: str) -> list[str]:
+    """What the pipeline measurement is, for the report's notes."""
+    worker_log = loaded.split(" ", 3)[-1] if loaded else "n/a"
+    stack = (
+        "one `python -m captionstream worker` and one gateway, all on this machine; a closed "
+        "loop of async HTTP clients, each uploading an image and waiting for its caption "
+        "event on `captionstream.captions.v1` before the next; images/s = timed images / "
+        "wall time from the first upload to the last caption event."
+    )
+    if len(brokers) == 1:
+        notes = [f"Pipeline: {BROKER_TITLES[brokers[0]]}, {stack} Worker log: `{worker_log}`"]
+    else:
+        titles = ", then ".join(BROKER_TITLES[kind] for kind in brokers)
+        notes = [
+            f"Pipeline: the same workload on each broker, one after the other ({titles}), "
+            f"each on a fresh stack: the broker, {stack} Images, settings and paired rounds "
+            "are the same on each. The images/s ratio between brokers includes the machine's "
+            "drift between their runs; the interleaved one (each broker's pipeline / bare "
+            "batches timed in the same minutes) does not. "
+            f"Worker log: `{worker_log}`"
+        ]
+    if BrokerKind.APACHE in brokers:
+        notes.append(
+            f"{BROKER_TITLES[BrokerKind.APACHE]}: one combined broker+controller JVM as "
+            "`captionstream up --broker apache` runs it (`captionstream/apache_kafka.py`: "
+            "C1-only JIT, serial GC, 256 MB heap), replication factor 1; its clients use the "
+            "`kafka` profile (production tuning), the embedded broker's the `embedded` one "
+            "(docs/kafka.md)."
+        )
+    return notes
+
+
 def default_batch_wait(best: BarePoint | None) -> float:
     """Long enough for a batch to fill under load, short next to the batch's own time."""
     if best is None:
@@ -182,9 +290,21 @@ def default_batch_wait(best: BarePoint | None) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the broker, worker and gateway are stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    brokers: list[BrokerKind] = []
+    skipped: str | None = None  # why Apache Kafka is left out of a default run
+    if not args.no_pipeline:
+        # Before the bare points: a missing Java or a failed jar download shows at once.
+        try:
+            brokers, skipped = choose_brokers(args.broker, apache_kafka_problem)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if skipped is not None:
+            progress(f"broker: {skipped}; pass --broker apache to require it")
+        progress("broker: " + ", then ".join(BROKER_TITLES[kind] for kind in brokers))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     # The worker's own malloc tuning, from the same settings (and environment, which the
     # worker inherits): bare and pipeline numbers are measured under the same allocator.
@@ -265,9 +385,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=progress,
         )
 
-    run: PipelineRun | None = None
-    bare_after: BarePoint | None = None
-    paired: list[PairedRound] = []
     notes: list[str] = [
         "Model: the full-size BLIP-base architecture (`BlipConfig()` defaults, 224M "
         "parameters, 384x384 input) with random weights, saved with `save_pretrained` and "
@@ -299,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"decoding: drafted {compared.speedup:.1f}x faster")
             notes.append(compared.note())
     best = best_point(points) if points else None
+    broker_runs: list[BrokerRun] = []
     if not args.no_pipeline:
         size = args.pipeline_batch_size or (best.batch_size if best else 8)
         precision = args.pipeline_precision or (best.precision if best else resolved("auto"))
@@ -314,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed = synthetic_jpegs(count, seed=3)
         progress(
             f"pipeline: {precision}, max batch {size}, batch wait {wait} s, {in_flight} in "
-            f"flight, {len(warmup)} warm-up + {count} timed images"
+            f"flight, {len(warmup)} warm-up + {count} timed images, on "
+            + ", then ".join(BROKER_TITLES[kind] for kind in brokers)
         )
         same_as_best = best is not None and (best.precision, best.batch_size) == (precision, size)
         rounds = args.paired_rounds if args.paired_rounds is not None else (1 if args.quick else 3)
@@ -333,61 +452,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             segments = [synthetic_jpegs(in_flight, seed=10 + i) for i in range(rounds)]
             pairing = pipeline.Pairing(bare_batches, size, segments)
             progress(f"then {rounds} paired rounds: a bare batch, then {in_flight} images")
+        loaded = ""
         try:
-            run, paired, loaded = pipeline.measure(
-                model_dir=model_dir,
-                cache_dir=cache,
-                precision=precision,
-                device=device,
-                max_batch_size=size,
-                max_batch_wait_s=wait,
-                in_flight=in_flight,
-                warmup=warmup,
-                timed=timed,
-                new_tokens=args.new_tokens,
-                keep=args.keep,
-                progress=progress,
-                quiet_wait_s=args.quiet_wait_s,
-                worker_env=dict(args.worker_env),
-                pairing=pairing,
-            )
+            for kind in brokers:  # the same images, settings and rounds on each broker
+                run, paired, loaded = pipeline.measure(
+                    model_dir=model_dir,
+                    cache_dir=cache,
+                    precision=precision,
+                    device=device,
+                    max_batch_size=size,
+                    max_batch_wait_s=wait,
+                    in_flight=in_flight,
+                    warmup=warmup,
+                    timed=timed,
+                    new_tokens=args.new_tokens,
+                    keep=args.keep,
+                    progress=progress,
+                    quiet_wait_s=args.quiet_wait_s,
+                    worker_env=dict(args.worker_env),
+                    pairing=pairing,
+                    broker=kind,
+                )
+                progress(f"pipeline on the {BROKER_TITLES[kind]}: {run.images_per_s:.2f} images/s")
+                bare_after: BarePoint | None = None
+                if best is not None and paired:
+                    # The paired rounds' bare batches: the best point measured after the pipeline.
+                    bare_after = BarePoint(best.precision, size, tuple(r.bare_s for r in paired))
+                elif best is not None and same_as_best:
+                    progress(
+                        f"bare: {best.precision} batch {best.batch_size} again, after the pipeline"
+                    )
+                    [bare_after] = bare.measure(
+                        model_dir,
+                        precision=best.precision,
+                        device=device,
+                        batch_sizes=[best.batch_size],
+                        batches=batches,
+                        warmup_batches=args.warmup_batches,
+                        images=[decode(j) for j in jpegs],
+                        new_tokens=args.new_tokens,
+                        progress=progress,
+                        retries=args.retries,
+                        quiet_wait_s=args.quiet_wait_s,
+                    )
+                broker_runs.append(
+                    BrokerRun(kind.value, run, tuple(paired), bare_after, BROKER_TITLES[kind])
+                )
         finally:
             if bare_batches is not None:
                 bare_batches.close()
-        progress(f"pipeline: {run.images_per_s:.2f} images/s")
-        if best is not None and paired:
-            # The paired rounds' bare batches are the best point measured after the pipeline.
-            bare_after = BarePoint(best.precision, size, tuple(r.bare_s for r in paired))
-        elif best is not None and same_as_best:
-            progress(f"bare: {best.precision} batch {best.batch_size} again, after the pipeline")
-            [bare_after] = bare.measure(
-                model_dir,
-                precision=best.precision,
-                device=device,
-                batch_sizes=[best.batch_size],
-                batches=batches,
-                warmup_batches=args.warmup_batches,
-                images=[decode(j) for j in jpegs],
-                new_tokens=args.new_tokens,
-                progress=progress,
-                retries=args.retries,
-                quiet_wait_s=args.quiet_wait_s,
-            )
-        notes.append(
-            "Pipeline: embedded broker (Tansu), one `python -m captionstream worker` and one "
-            "gateway, all on this machine; a closed loop of async HTTP clients, each "
-            "uploading an image and waiting for its caption event on "
-            "`captionstream.captions.v1` before the next; images/s = timed images / wall "
-            "time from the first upload to the last caption event. "
-            f"Worker log: `{loaded.split(' ', 3)[-1] if loaded else 'n/a'}`"
-        )
+        if len(broker_runs) > 1:
+            for line in broker_summary(broker_runs):
+                progress(line)
+        notes += pipeline_notes(brokers, loaded)
+    if skipped is not None:
+        notes.append(f"Apache Kafka: not measured ({skipped}).")
+    runs = [r.run for r in broker_runs]
     disturbed = [
         f"{p.precision} batch {p.batch_size} ({p.other_cores:.2f} cores)"
         for p in points
         if p.other_cores is not None and p.other_cores > DISTURBED_CORES
     ]
-    if run is not None and run.other_cores is not None and run.other_cores > DISTURBED_CORES:
-        disturbed.append(f"the pipeline run ({run.other_cores:.2f} cores)")
+    for r in broker_runs:
+        other = r.run.other_cores
+        if other is not None and other > DISTURBED_CORES:
+            where = f" on {r.broker}" if len(broker_runs) > 1 else ""
+            disturbed.append(f"the pipeline run{where} ({other:.2f} cores)")
     if disturbed:
         notes.append(
             "**Disturbed**: other processes were using CPU during "
@@ -395,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "; those numbers are lower than on an idle machine."
         )
     per_image = [p.page_faults / p.images for p in points if p.page_faults is not None]
-    if run is not None:
+    for run in runs:
         per_image += [f / run.images for _, _, f in run.cores if f is not None]
     faulting = max(per_image, default=0.0)
     if faulting > MANY_FAULTS_PER_IMAGE:
@@ -426,16 +556,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extra worker environment": " ".join(f"{k}={v}" for k, v in args.worker_env) or "none",
         "run time": f"{elapsed_s() / 60:.1f} min",
     }
+    if not args.no_pipeline:
+        settings["broker"] = ", then ".join(BROKER_TITLES[kind] for kind in brokers)
+        if skipped is not None:
+            settings["broker"] += " (Apache Kafka skipped: see the notes)"
+    single = broker_runs[0] if len(broker_runs) == 1 else None
     report = Report(
         "captionstream benchmark",
         machine,
         settings,
         points,
-        run,
+        None if single is None else single.run,
         notes,
         decoders=decoders,
-        bare_after=bare_after,
-        paired=paired,
+        bare_after=None if single is None else single.bare_after,
+        paired=() if single is None else single.paired,
+        brokers=broker_runs if single is None else (),
     )
     publish_report(report.markdown(), args.output)
     return 0

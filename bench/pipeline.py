@@ -1,7 +1,8 @@
 """The whole pipeline: HTTP upload -> gateway -> Kafka -> worker -> caption event.
 
-Starts the embedded broker, one `python -m captionstream worker` and one gateway as
-separate processes (as `make run` does), then drives them with a closed loop of
+Starts a broker (the embedded Tansu broker, or a one-node Apache Kafka as
+`captionstream up --broker apache` runs it), one `python -m captionstream worker` and one
+gateway as separate processes (as `make run` does), then drives them with a closed loop of
 `in_flight` async clients: each uploads an image, waits for its `caption.produced` event
 on the public captions topic, and uploads the next. A job's end-to-end latency is
 `produced_at - submitted_at` from its event; the client-side view (upload sent ..
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from bench.stats import JobTimes, PairedRound, PipelineRun, group_batches, stage_medians
 from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
-from captionstream.broker import EmbeddedBroker, free_port
+from captionstream.apache_kafka import KAFKA_VERSION, ApacheKafkaCluster
+from captionstream.broker import EmbeddedBroker, child_preexec, free_port
+from captionstream.kafka import assign_whole_topic
+from captionstream.settings import BrokerKind, KafkaProfile
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -41,6 +46,30 @@ from schemas.topics import TOPICS
 Progress = Callable[[str], None]
 
 WORKER_READY = "[^Worker]: Ready"
+
+# What each broker is, in the report.
+BROKER_TITLES = {
+    BrokerKind.EMBEDDED: "embedded broker (Tansu)",
+    BrokerKind.APACHE: f"Apache Kafka {KAFKA_VERSION} (one KRaft node)",
+}
+# The client tuning each broker gets, as `captionstream up` picks it.
+BROKER_PROFILES = {
+    BrokerKind.EMBEDDED: KafkaProfile.EMBEDDED,
+    BrokerKind.APACHE: KafkaProfile.KAFKA,
+}
+
+Broker = EmbeddedBroker | ApacheKafkaCluster
+
+
+def broker_pids(broker: Broker) -> dict[str, int]:
+    """Process ids of the broker's running processes, by role."""
+    if isinstance(broker, ApacheKafkaCluster):
+        one = broker.nodes == 1
+        return {
+            "broker (Apache Kafka)" if one else f"broker (Apache Kafka node {i})": pid
+            for i, pid in broker.pids.items()
+        }
+    return {} if broker.pid is None else {"broker (Tansu)": broker.pid}
 
 
 @dataclass
@@ -67,7 +96,7 @@ class Process:
 
 @dataclass
 class Stack:
-    broker: EmbeddedBroker
+    broker: Broker
     worker: Process
     gateway: Process
     gateway_url: str
@@ -80,8 +109,7 @@ class Stack:
     def components(self) -> dict[str, int]:
         """Process ids by role, this benchmark's own process included."""
         pids = {"worker": self.worker.popen.pid, "gateway": self.gateway.popen.pid}
-        if self.broker._proc is not None:  # EmbeddedBroker keeps its Popen private
-            pids["broker (Tansu)"] = self.broker._proc.pid
+        pids.update(broker_pids(self.broker))
         pids["benchmark clients"] = os.getpid()
         return pids
 
@@ -106,6 +134,30 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while the stack is being stopped (main thread only), so a
+    second one cannot cut the shutdown short and leave processes behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
+def start_broker(kind: BrokerKind, run_dir: Path) -> Broker:
+    """A fresh broker of `kind` with its files in `run_dir`, started. Call from the main
+    thread: each Apache Kafka JVM dies with the thread that started it."""
+    if kind is BrokerKind.APACHE:
+        # As `captionstream up --broker apache`: one node, replication factor 1.
+        return ApacheKafkaCluster(run_dir / "kafka", nodes=1).start()
+    return EmbeddedBroker(port=free_port(), log_file=run_dir / "broker.log").start()
+
+
+@contextmanager
 def running_stack(
     *,
     model_dir: Path,
@@ -118,32 +170,23 @@ def running_stack(
     keep: bool,
     progress: Progress,
     worker_env: Mapping[str, str] | None = None,
+    broker: BrokerKind = BrokerKind.EMBEDDED,
 ) -> Iterator[Stack]:
-    run_dir = Path(tempfile.mkdtemp(prefix="pipeline-", dir=cache_dir))
-    broker = EmbeddedBroker(port=free_port(), log_file=run_dir / "broker.log")
-    env = {
-        **os.environ,
-        "CAPTIONSTREAM_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "CAPTIONSTREAM_KAFKA_PROFILE": "embedded",
-        "CAPTIONSTREAM_DATA_DIR": str(run_dir / "data"),
-        "CAPTIONSTREAM_MODEL": str(model_dir),
-        "CAPTIONSTREAM_DEVICE": device,
-        "CAPTIONSTREAM_PRECISION": precision,
-        "CAPTIONSTREAM_MAX_BATCH_SIZE": str(max_batch_size),
-        "CAPTIONSTREAM_MAX_BATCH_WAIT_S": str(max_batch_wait_s),
-        "CAPTIONSTREAM_MAX_NEW_TOKENS": str(new_tokens),
-        "HF_HUB_OFFLINE": "1",
-    }
+    """Broker, worker and gateway, ready; all stopped on exit (an exception, Ctrl-C or a
+    SIGTERM that raises included)."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"pipeline-{broker.value}-", dir=cache_dir))
     processes: list[Process] = []
+    running: Broker | None = None
 
-    def spawn(part: str, **extra: str) -> Process:
+    def spawn(part: str, env: Mapping[str, str]) -> Process:
         log_path = run_dir / f"{part}.log"
         with open(log_path, "wb") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "captionstream", part],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**env, **extra},
+                env=dict(env),
+                preexec_fn=child_preexec(),  # gone with this process, even if killed
             )
         process = Process(part, popen, log_path)
         processes.append(process)
@@ -151,16 +194,32 @@ def running_stack(
 
     failed = False
     try:
-        broker.start()
-        progress(f"pipeline: broker on {broker.bootstrap}; starting worker and gateway")
-        worker = spawn("worker", **(worker_env or {}))
+        progress(f"pipeline: starting the {BROKER_TITLES[broker]}")
+        running = start_broker(broker, run_dir)
+        env = {
+            **os.environ,
+            "CAPTIONSTREAM_KAFKA_BOOTSTRAP": running.bootstrap,
+            "CAPTIONSTREAM_KAFKA_PROFILE": BROKER_PROFILES[broker].value,
+            "CAPTIONSTREAM_DATA_DIR": str(run_dir / "data"),
+            "CAPTIONSTREAM_MODEL": str(model_dir),
+            "CAPTIONSTREAM_DEVICE": device,
+            "CAPTIONSTREAM_PRECISION": precision,
+            "CAPTIONSTREAM_MAX_BATCH_SIZE": str(max_batch_size),
+            "CAPTIONSTREAM_MAX_BATCH_WAIT_S": str(max_batch_wait_s),
+            "CAPTIONSTREAM_MAX_NEW_TOKENS": str(new_tokens),
+            "HF_HUB_OFFLINE": "1",
+        }
+        progress(f"pipeline: broker on {running.bootstrap}; starting worker and gateway")
+        worker = spawn("worker", {**env, **(worker_env or {})})
         port = free_port()
-        gateway = spawn("gateway", CAPTIONSTREAM_HOST="127.0.0.1", CAPTIONSTREAM_PORT=str(port))
+        gateway = spawn(
+            "gateway", {**env, "CAPTIONSTREAM_HOST": "127.0.0.1", "CAPTIONSTREAM_PORT": str(port)}
+        )
         url = f"http://127.0.0.1:{port}"
         _wait_until("worker", lambda: WORKER_READY in worker.log(), worker.alive, 600)
         _wait_until("gateway", lambda: _healthy(url), gateway.alive, 120)
         progress("pipeline: worker and gateway ready")
-        yield Stack(broker, worker, gateway, url, run_dir)
+        yield Stack(running, worker, gateway, url, run_dir)
     except Exception:  # not on Ctrl-C / SIGTERM: just stop
         failed = True
         progress(f"pipeline failed; logs kept in {run_dir}")
@@ -169,9 +228,11 @@ def running_stack(
             progress("\n".join(process.log().splitlines()[-30:]))
         raise
     finally:
-        for process in reversed(processes):
-            process.stop()
-        broker.stop()
+        with _signals_held():
+            for process in reversed(processes):
+                process.stop()
+            if running is not None:
+                running.stop()
         if not failed and not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -205,14 +266,14 @@ class CaptionWaiter:
 
     async def start(self) -> None:
         await self.consumer.start()
-        topic = TOPICS.captions.name
-        await self.consumer.topics()  # fetches the cluster metadata
-        partitions = self.consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise RuntimeError(f"topic {topic} does not exist")
-        tps = [TopicPartition(topic, p) for p in partitions]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
+        try:
+            # Every partition, from the beginning. Not from the metadata the consumer got
+            # at its start: on Apache Kafka that lacked the topic, and `topics()` fetches
+            # fresh metadata without keeping it.
+            await assign_whole_topic(self.consumer, TOPICS.captions.name)
+        except BaseException:
+            await self.consumer.stop()
+            raise
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -246,11 +307,7 @@ async def final_states(
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        topic = TOPICS.job_state.name
-        await consumer.topics()  # fetches the cluster metadata
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        await assign_whole_topic(consumer, TOPICS.job_state.name)
         found: dict[str, JobState] = {}
         deadline = time.monotonic() + timeout_s
         while len(found) < len(job_ids) and time.monotonic() < deadline:
@@ -447,9 +504,10 @@ def measure(
     quiet_wait_s: float = 0,
     worker_env: Mapping[str, str] | None = None,
     pairing: Pairing | None = None,
+    broker: BrokerKind = BrokerKind.EMBEDDED,
 ) -> tuple[PipelineRun, list[PairedRound], str]:
-    """Run the stack and the load, then any paired rounds; returns the main run's result,
-    the paired rounds and the worker's model log line."""
+    """Run the stack on `broker` and the load, then any paired rounds; returns the main
+    run's result, the paired rounds and the worker's model log line."""
     with running_stack(
         model_dir=model_dir,
         cache_dir=cache_dir,
@@ -461,6 +519,7 @@ def measure(
         keep=keep,
         progress=progress,
         worker_env=worker_env,
+        broker=broker,
     ) as stack:
         drive = asyncio.run(
             _drive(stack, warmup, timed, in_flight, progress, quiet_wait_s, pairing)

@@ -516,6 +516,120 @@ def pipeline_table(run: PipelineRun, best: BarePoint | None) -> list[str]:
 
 
 @dataclass(frozen=True)
+class BrokerRun:
+    """The pipeline measured on one broker: its main run, its paired rounds, and the best
+    bare point measured again right after it (from those rounds, or timed again)."""
+
+    broker: str  # "embedded", "apache"
+    run: PipelineRun
+    paired: Sequence[PairedRound] = ()
+    bare_after: BarePoint | None = None
+    title: str = ""  # what the broker is, for headings; default `broker`
+
+    @property
+    def heading(self) -> str:
+        return self.title or self.broker
+
+    @property
+    def paired_ratio(self) -> float | None:
+        """Median pipeline / bare of the paired rounds: the figure least moved by drift."""
+        return percentile([r.ratio for r in self.paired], 50) if self.paired else None
+
+    def broker_cores(self) -> float | None:
+        """Cores the broker's processes used on average while timed (None: not measured)."""
+        found = [cores for name, cores, _ in self.run.cores if name.startswith("broker")]
+        return sum(found) if found else None
+
+    def cores_of(self, role: str) -> float | None:
+        return next((cores for name, cores, _ in self.run.cores if name == role), None)
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or base == 0:
+        return ""
+    return f"**{value / base:.2f}x**"
+
+
+def _value(value: float | None, digits: int = 2) -> str:
+    return "?" if value is None else f"{value:.{digits}f}"
+
+
+def broker_table(runs: Sequence[BrokerRun]) -> list[str]:
+    """The same workload on each broker, side by side; the first broker is the baseline
+    and every other gets a column of its value / the baseline's (throughput: higher is
+    better; latency and CPU: lower is better)."""
+    base, others = runs[0], runs[1:]
+    header = ["", *(r.broker for r in runs), *(f"{r.broker} / {base.broker}" for r in others)]
+
+    def row(label: str, values: Sequence[float | None], digits: int = 2) -> list[str]:
+        cells = [_value(v, digits) for v in values]
+        return [label, *cells, *(_ratio(v, values[0]) for v in values[1:])]
+
+    def per_image(cores: float | None, run: PipelineRun) -> float | None:
+        return None if cores is None else cores * run.wall_s / run.images
+
+    events = [LatencySummary.of(r.run.latencies_s) for r in runs]
+    clients = [LatencySummary.of(r.run.client_latencies_s) for r in runs]
+    rows = [row("images/s", [r.run.images_per_s for r in runs])]
+    if all(r.paired for r in runs):
+        rows.append(row("pipeline / bare, interleaved (median)", [r.paired_ratio for r in runs]))
+    images = [f"{r.run.images} ({r.run.failed})" for r in runs]
+    rows.append(["images timed (failed)", *images, *("" for _ in others)])
+    for name in ("mean", "p50", "p95", "p99", "max"):
+        rows.append(row(f"event latency {name} (s)", [getattr(e, name) for e in events]))
+    for name in ("p50", "p95", "p99"):
+        rows.append(row(f"client latency {name} (s)", [getattr(c, name) for c in clients]))
+    rows.append(row("median time between batches (s)", [r.run.batch_interval_s for r in runs]))
+    stages = [dict(r.run.stages) for r in runs]
+    for stage in STAGES:
+        if any(stage in found for found in stages):
+            label = f"worker per batch: {stage} (s, median)"
+            rows.append(row(label, [found.get(stage) for found in stages], 3))
+    rows += [
+        row("broker CPU (cores)", [r.broker_cores() for r in runs]),
+        row("broker CPU s / image", [per_image(r.broker_cores(), r.run) for r in runs], 3),
+        row("worker CPU (cores)", [r.cores_of("worker") for r in runs]),
+        row("gateway CPU (cores)", [r.cores_of("gateway") for r in runs]),
+        row("other load (cores)", [r.run.other_cores for r in runs]),
+    ]
+    return _table(header, rows)
+
+
+def broker_ratios(runs: Sequence[BrokerRun]) -> list[Ratio]:
+    """Each broker after the first against the first: throughput, the drift-corrected
+    interleaved figure, and latency percentiles."""
+    out: list[Ratio] = []
+    base = runs[0]
+    for other in runs[1:]:
+        name = f"{other.broker} / {base.broker}"
+        out.append(
+            Ratio(
+                f"{name}, pipeline images/s",
+                other.run.images_per_s / base.run.images_per_s,
+                "one after the other: machine drift between the two runs counts too",
+            )
+        )
+        if other.paired_ratio is not None and base.paired_ratio is not None:
+            out.append(
+                Ratio(
+                    f"{name}, pipeline / bare interleaved (each against its own bare batches)",
+                    other.paired_ratio / base.paired_ratio,
+                    "drift-corrected: each broker's pipeline is compared with bare batches "
+                    "timed in the same minutes",
+                )
+            )
+        for q in (50, 95, 99):
+            out.append(
+                Ratio(
+                    f"{name}, event latency p{q}",
+                    percentile(other.run.latencies_s, q) / percentile(base.run.latencies_s, q),
+                    "lower is better",
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
 class DecoderComparison:
     """The same batch captioned by each variant in turn (A, B, C, A, B, C, ...), so all
     see the same machine; the first variant is the baseline."""
@@ -575,6 +689,41 @@ class Report:
     decoders: Sequence[DecoderComparison] = ()
     bare_after: BarePoint | None = None  # the best bare point, again after the pipeline
     paired: Sequence[PairedRound] = ()
+    # The pipeline on two or more brokers, compared with the first; instead of
+    # `pipeline`, `bare_after` and `paired`, which describe a run on one broker.
+    brokers: Sequence[BrokerRun] = ()
+
+    def __post_init__(self) -> None:
+        if self.brokers and (self.pipeline is not None or self.bare_after or self.paired):
+            raise ValueError("a report has `brokers` or a single `pipeline`, not both")
+
+    def _broker_sections(self) -> list[str]:
+        best = best_point(self.points) if self.points else None
+        names = " and ".join(b.broker for b in self.brokers)
+        lines = ["", f"## Whole pipeline on each broker ({names}), side by side", ""]
+        lines += broker_table(self.brokers)
+        for b in self.brokers:
+            lines += ["", f"## Whole pipeline (HTTP upload -> caption event): {b.heading}", ""]
+            lines += pipeline_table(b.run, best)
+        if any(b.paired for b in self.brokers):
+            lines += ["", "## Pipeline and bare, interleaved (same batch size)"]
+            for b in self.brokers:
+                if b.paired:
+                    lines += ["", f"### {b.heading}", "", *paired_table(b.paired)]
+        return lines
+
+    def _ratios(self) -> list[Ratio]:
+        if not self.brokers:
+            return ratios(self.points, self.pipeline, self.bare_after, self.paired)
+        bare_only = ratios(self.points, None)
+        found = list(bare_only)
+        for b in self.brokers:
+            found += [
+                Ratio(f"{b.broker}: {r.label}", r.value, r.note)
+                for r in ratios(self.points, b.run, b.bare_after, b.paired)
+                if r not in bare_only
+            ]
+        return found + broker_ratios(self.brokers)
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
@@ -594,7 +743,9 @@ class Report:
         if self.paired:
             lines += ["", "## Pipeline and bare, interleaved (same batch size)", ""]
             lines += paired_table(self.paired)
-        found = ratios(self.points, self.pipeline, self.bare_after, self.paired)
+        if self.brokers:
+            lines += self._broker_sections()
+        found = self._ratios()
         if found:
             lines += ["", "## Ratios", ""]
             for r in found:
