@@ -197,6 +197,9 @@ def create_app(
         **kafka.faust_settings(),
         processing_guarantee=settings.processing_guarantee.value,
         store="memory://" if exactly_once else "rocksdb://",
+        # A standby replica would keep a lost partition's uncommitted writes (see
+        # processor.transport, exactly-once 3); in memory, recovery is quick anyway.
+        table_standby_replicas=0 if exactly_once else 1,
         datadir=str(datadir),
         TableManager=FlowSafeTableManager,
         topic_partitions=settings.partitions,

@@ -11,7 +11,7 @@ Faust's transport internals.
   low (see `captionstream.kafka.profiles.ClientTuning.highwaters_from_fetch`): a
   restarted worker then crashed with `ConsistencyError`, and a worker without old state
   stopped recovering early, with finished jobs and cancellations missing from its tables.
-  `FetchHighwaterConsumer` answers `highwaters` with the high watermark of a fetch
+  `EndOffsetsConsumerThread` answers `highwaters` with the high watermark of a fetch
   response (`fetch_highwaters`), which Tansu gets right.
 - **No records lost when a rebalance ends (every profile).** When table recovery ends,
   Faust resumes the stream partitions, seeks them to their committed offsets and only
@@ -39,7 +39,11 @@ Faust's transport internals.
   3. Its tables keep writes of aborted transactions: a store that still holds a job's
      uncommitted SUCCESS after its transaction was aborted skips the redelivered job
      for good. Tables then live in memory (rebuilt from the committed changelog when a
-     worker starts) and `FlowSafeTableManager` forgets the partitions a worker loses.
+     worker starts), without standby replicas, and `FlowSafeTableManager` forgets the
+     partitions a worker loses.
+  4. Table recovery took the end of a changelog partition from the last stable offset
+     of a fetch that had not happened yet (-1): a worker given back a partition it had
+     held crashed (ConsistencyError). `EndOffsetsConsumerThread` asks the broker.
 """
 
 from __future__ import annotations
@@ -62,15 +66,23 @@ from captionstream.kafka import KafkaConnection, fetch_highwaters
 from schemas.topics import TOPICS
 
 
-class FetchHighwaterConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+class EndOffsetsConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, answering the end offsets table recovery reads where
+    the profile's broker and the guarantee need them read."""
+
     kafka: KafkaConnection  # given by the subclass `transport_for` makes
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
-        if self.consumer.in_transaction:  # never on the embedded broker (no transactions)
-            return await super()._highwaters(partitions)
-        tps = {TopicPartition(tp.topic, tp.partition): tp for tp in partitions}
-        ends = await fetch_highwaters(self.kafka, list(tps))
-        return {tps[tp]: end for tp, end in ends.items()}
+        if self.kafka.tuning.highwaters_from_fetch:  # embedded: no transactions there
+            tps = {TopicPartition(tp.topic, tp.partition): tp for tp in partitions}
+            ends = await fetch_highwaters(self.kafka, list(tps))
+            return {tps[tp]: end for tp, end in ends.items()}
+        # Faust's exactly-once path answers last_stable_offset() from the fetch state:
+        # None for a changelog partition not fetched yet (one just assigned), which
+        # recovery took for an empty changelog (a worker crashed with ConsistencyError).
+        # ListOffsets from a read_committed consumer answers the last stable offset.
+        consumer = self._ensure_consumer()
+        return dict(await consumer.end_offsets(list(partitions)))
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
@@ -161,18 +173,16 @@ def transport_for(
     """A `kafka://` transport class with the profile's producer and consumer; with a
     `gate`, the exactly-once consumer and transaction manager."""
 
-    class ConsumerThread(FetchHighwaterConsumerThread):
+    class ConsumerThread(EndOffsetsConsumerThread):
         pass
 
     ConsumerThread.kafka = kafka
 
-    class FetchHighwaterConsumer(faust_aiokafka.Consumer):
+    class EndOffsetsConsumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    consumer: type[faust_aiokafka.Consumer] = faust_aiokafka.Consumer
-    if kafka.tuning.highwaters_from_fetch:
-        consumer = FetchHighwaterConsumer
+    consumer: type[faust_aiokafka.Consumer] = EndOffsetsConsumer
     if gate is not None:
         consumer = gated_consumer(consumer, gate)
 

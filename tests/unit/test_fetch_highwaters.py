@@ -20,7 +20,7 @@ from captionstream.settings import KafkaProfile, ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.app import create_app
 from processor.inference import InferenceThread
-from processor.transport import FetchHighwaterConsumerThread, IdempotentProducer
+from processor.transport import EndOffsetsConsumerThread, IdempotentProducer, PartitionTransactions
 
 
 def test_only_the_embedded_profile_reads_end_offsets_from_fetches() -> None:
@@ -41,7 +41,7 @@ async def test_highwaters_come_from_fetch_responses(monkeypatch: pytest.MonkeyPa
     kafka = KafkaConnection("127.0.0.1:9555,other:9092", KafkaProfile.EMBEDDED)
     thread: Any = SimpleNamespace(consumer=SimpleNamespace(in_transaction=False), kafka=kafka)
     tps = [TP("jobs-changelog", 0), TP("jobs-changelog", 3)]
-    ends = await FetchHighwaterConsumerThread._highwaters(thread, tps)
+    ends = await EndOffsetsConsumerThread._highwaters(thread, tps)
     assert ends == {tps[0]: 100, tps[1]: 103}
     assert all(isinstance(tp, TP) for tp in ends)  # Faust's own type, as Faust keys by it
     assert asked == [
@@ -49,11 +49,31 @@ async def test_highwaters_come_from_fetch_responses(monkeypatch: pytest.MonkeyPa
     ]
 
 
-@pytest.mark.parametrize(
-    ("profile", "fetching", "idempotent"), [("embedded", True, False), ("kafka", False, True)]
-)
+@pytest.mark.parametrize("in_transaction", [False, True])
+async def test_on_kafka_end_offsets_come_from_the_broker(in_transaction: bool) -> None:
+    """Not from the fetch state: under exactly-once Faust read last_stable_offset() there,
+    None (-1) for a changelog partition just assigned, and recovery crashed."""
+    asked: list[list[TP]] = []
+
+    class Consumer:
+        async def end_offsets(self, tps: list[TP]) -> dict[TP, int]:
+            asked.append(tps)
+            return {tp: 40 + tp.partition for tp in tps}
+
+    kafka = KafkaConnection("127.0.0.1:9555", KafkaProfile.KAFKA)
+    thread: Any = SimpleNamespace(
+        consumer=SimpleNamespace(in_transaction=in_transaction),
+        kafka=kafka,
+        _ensure_consumer=Consumer,
+    )
+    tps = [TP("jobs-changelog", 1), TP("jobs-changelog", 2)]
+    assert await EndOffsetsConsumerThread._highwaters(thread, tps) == {tps[0]: 41, tps[1]: 42}
+    assert asked == [tps]
+
+
+@pytest.mark.parametrize(("profile", "idempotent"), [("embedded", False), ("kafka", True)])
 def test_worker_transport_follows_the_profile(
-    profile: str, fetching: bool, idempotent: bool, tmp_path: Path
+    profile: str, idempotent: bool, tmp_path: Path
 ) -> None:
     settings = ProcessorSettings(kafka_bootstrap="127.0.0.1:9555", kafka_profile=profile)
     kafka = KafkaConnection.from_settings(settings, "processor")
@@ -66,8 +86,33 @@ def test_worker_transport_follows_the_profile(
         InferenceThread(),
         kafka,
     ).app
-    assert (app.transport.Consumer is not faust_aiokafka.Consumer) is fetching
+    assert issubclass(app.transport.Consumer, faust_aiokafka.Consumer)
+    assert app.conf.processing_guarantee.value == "at_least_once"
+    assert app.conf.table_standby_replicas == 1
     extra = app.producer._settings_extra()
     assert (extra.get("enable_idempotence") is True) is idempotent
     assert isinstance(app.producer, IdempotentProducer) is idempotent
     assert app.conf.topic_allow_declare is False
+
+
+def test_exactly_once_worker_wiring(tmp_path: Path) -> None:
+    settings = ProcessorSettings(
+        kafka_bootstrap="127.0.0.1:9555",
+        kafka_profile="kafka",
+        processing_guarantee="exactly_once",
+    )
+    kafka = KafkaConnection.from_settings(settings, "processor")
+    captioner: Any = SimpleNamespace(name="fake")
+    app = create_app(
+        settings,
+        captioner,
+        LocalBlobStore(tmp_path / "blobs"),
+        tmp_path / "state",
+        InferenceThread(),
+        kafka,
+    ).app
+    assert app.conf.processing_guarantee.value == "exactly_once"
+    assert str(app.conf.store) == "memory:"
+    assert app.conf.table_standby_replicas == 0
+    assert app.transport.TransactionManager is PartitionTransactions
+    assert app.transport.Consumer.__name__ == "GatedConsumer"
