@@ -32,7 +32,12 @@ from processor.pipeline import (
     caption_batch,
     handle_batch,
 )
-from processor.transport import CommitGate, FlowSafeTableManager, use_transport
+from processor.transport import (
+    CommitGate,
+    FlowSafeTableManager,
+    WriteTrackingTable,
+    use_transport,
+)
 from schemas.events import (
     CaptionFailed,
     CaptionProduced,
@@ -202,6 +207,7 @@ def create_app(
         table_standby_replicas=0 if exactly_once else 1,
         datadir=str(datadir),
         TableManager=FlowSafeTableManager,
+        Table=WriteTrackingTable,
         topic_partitions=settings.partitions,
         # The topic plan creates and checks every topic, Faust's own included: a worker
         # needs no right to create topics, and nothing is created behind the plan's back.
@@ -220,12 +226,18 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def unit_of_work() -> Any:
-        """No commit (exactly-once: no transaction commit) inside: see CommitGate."""
+        """No commit (exactly-once: no transaction commit) inside: see CommitGate.
+
+        Table writes reach Kafka later, through Faust's send buffer: the gate opens once
+        they are written (processor.transport, exactly-once 2).
+        """
         if gate is None:
             yield
-        else:
-            async with gate.hold():
-                yield
+            return
+        async with gate.hold():
+            yield
+            await jobs.changelog_written()
+            await cancelled.changelog_written()
 
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(
@@ -250,7 +262,7 @@ def create_app(
     policy = RetryPolicy(
         settings.max_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
     )
-    jobs = app.Table(
+    jobs: WriteTrackingTable = app.Table(  # type: ignore[assignment]  # Table= above
         "jobs",
         default=None,
         partitions=settings.partitions,
@@ -260,7 +272,7 @@ def create_app(
     )
     # Job id -> when cancellation was requested. Co-partitioned with `jobs` (same key,
     # same partition count), so a worker holds the requests for the jobs it processes.
-    cancelled = app.Table(
+    cancelled: WriteTrackingTable = app.Table(  # type: ignore[assignment]
         "cancelled",
         default=None,
         partitions=settings.partitions,

@@ -22,6 +22,14 @@ Faust's transport internals.
   jobs stayed PENDING until the next rebalance (seen as 3-10 jobs stuck after a worker was
   SIGKILLed, about one run in five). `FlowSafeRecovery` stops the flow first, so nothing
   is fetched between resuming the partitions and emptying the queues.
+- **No records lost when a partition without a committed offset changes hands (every
+  profile).** When table recovery ends, Faust seeks the stream partitions to their
+  committed offsets; one its group never committed keeps whatever position the consumer
+  reached meanwhile, and during recovery it may have fetched that partition to its end
+  (records not delivered: the partition was not active yet). Its jobs then stayed
+  PENDING for good (seen under exactly-once, where a worker killed before its first
+  commit leaves such partitions behind). `RewindingConsumer` starts those at the
+  beginning, as `auto_offset_reset=earliest` means.
 - **Exactly-once (kafka profile, `processing_guarantee=exactly_once`).** Faust runs one
   transaction per input partition and commits each with the offsets of that partition.
   Three things in its implementation would still show a job's caption twice, or never:
@@ -36,6 +44,10 @@ Faust's transport internals.
      went into the next transaction; a crash then redid the job and showed a second
      caption. `GatedConsumer` commits only while no agent holds the `CommitGate`, and the
      agents hold it for each batch (or control request) from first send to last write.
+     Table writes reach Kafka later, through Faust's send buffer: `WriteTrackingTable`
+     lets the agent wait until they are written before it opens the gate (without that,
+     a job's SUCCESS in the table could miss the caption's transaction; a rebalance then
+     replayed the job's older committed state over it, and the job was captioned twice).
   3. Its tables keep writes of aborted transactions: a store that still holds a job's
      uncommitted SUCCESS after its transaction was aborted skips the redelivered job
      for good. Tables then live in memory (rebuilt from the committed changelog when a
@@ -50,9 +62,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, MutableMapping
 from typing import Any
 
+import faust
 from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 from faust.tables import TableManager
@@ -83,6 +96,33 @@ class EndOffsetsConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # ListOffsets from a read_committed consumer answers the last stable offset.
         consumer = self._ensure_consumer()
         return dict(await consumer.end_offsets(list(partitions)))
+
+
+def never_committed(
+    assigned: Iterable[TP], committed: Mapping[TP, int | None], changelogs: Iterable[str]
+) -> list[TP]:
+    """The stream partitions of `assigned` with no committed offset."""
+    skip = set(changelogs)
+    return sorted(tp for tp in assigned if tp.topic not in skip and not committed.get(tp))
+
+
+class RewindingConsumer(faust_aiokafka.Consumer):
+    """Faust's consumer, seeking a never-committed stream partition to its beginning
+    where Faust seeks to committed offsets (see the module docstring)."""
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        rewind = never_committed(
+            self.assignment(), self._committed_offset, self.app.tables.changelog_topics
+        )
+        if rewind:
+            earliest = await self.earliest_offsets(*rewind)
+            for tp in rewind:
+                await self.seek(tp, earliest[tp])
+            self.log.info(
+                "never committed, read from the beginning: %s",
+                ", ".join(f"{tp.topic}[{tp.partition}]@{earliest[tp]}" for tp in rewind),
+            )
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
@@ -178,7 +218,7 @@ def transport_for(
 
     ConsumerThread.kafka = kafka
 
-    class EndOffsetsConsumer(faust_aiokafka.Consumer):
+    class EndOffsetsConsumer(RewindingConsumer):
         def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -198,6 +238,27 @@ def transport_for(
 def use_transport(app: Any, kafka: KafkaConnection, gate: CommitGate | None = None) -> None:
     """Give `app` (a `faust.App`, before it made its transport) the profile's transport."""
     app.transport = transport_for(kafka, gate)(app.conf.broker_consumer, app)
+
+
+class WriteTrackingTable(faust.Table[Any, Any]):
+    """A Faust table that can wait until its changelog writes so far are on the log."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._unwritten: list[asyncio.Future[Any]] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        if self.app.in_transaction:  # only exactly-once workers wait (and keep them)
+            self._unwritten.append(fut)
+        return fut
+
+    async def changelog_written(self) -> None:
+        """Return once every changelog record sent so far is written (in the open
+        transaction, under exactly-once); raise if one could not be."""
+        while self._unwritten:
+            pending, self._unwritten = self._unwritten, []
+            await asyncio.gather(*pending)
 
 
 def forget_partitions(data: MutableMapping[Any, Any], revoked: set[int], partitions: int) -> int:

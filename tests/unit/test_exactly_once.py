@@ -14,12 +14,19 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
+from faust.types import TP
 
 from captionstream.cli import build_parser, cmd_topics
 from captionstream.errors import ConfigurationError
 from captionstream.kafka import KafkaConnection, readable_end
 from captionstream.settings import KafkaProfile, ProcessingGuarantee, ProcessorSettings
-from processor.transport import CommitGate, forget_partitions, gated_consumer, key_partition
+from processor.transport import (
+    CommitGate,
+    forget_partitions,
+    gated_consumer,
+    key_partition,
+    never_committed,
+)
 from processor.worker import refuse_unsupported_guarantee
 
 
@@ -56,7 +63,7 @@ class RecordingConsumer:
 
 async def test_a_commit_waits_for_the_unit_of_work_in_hand() -> None:
     gate = CommitGate()
-    consumer = gated_consumer(RecordingConsumer, gate)()  # type: ignore[arg-type]
+    consumer: Any = gated_consumer(RecordingConsumer, gate)()  # type: ignore[arg-type]
     order: list[str] = []
     batch_started = asyncio.Event()
     release = asyncio.Event()
@@ -69,7 +76,7 @@ async def test_a_commit_waits_for_the_unit_of_work_in_hand() -> None:
             order.append("table written")
 
     async def commit() -> None:
-        await consumer._commit_offsets({"images-0": 9})
+        await consumer._commit_offsets({TP("images", 0): 9})
         order.append("committed")
 
     batching = asyncio.create_task(batch())
@@ -81,7 +88,7 @@ async def test_a_commit_waits_for_the_unit_of_work_in_hand() -> None:
     release.set()
     await asyncio.gather(batching, committing)
     assert order == ["caption sent", "table written", "committed"]
-    assert consumer.commits == [{"images-0": 9}]
+    assert consumer.commits == [{TP("images", 0): 9}]
 
 
 def processor_settings(profile: KafkaProfile, guarantee: ProcessingGuarantee) -> ProcessorSettings:
@@ -164,3 +171,17 @@ def test_topics_lists_transactional_ids_for_exactly_once_workers(
     assert cmd_topics(build_parser().parse_args(["topics"])) == 0
     printed = "TRANSACTIONAL_ID proc (PREFIXED): DESCRIBE, WRITE" in capsys.readouterr().out
     assert printed is (guarantee is ProcessingGuarantee.EXACTLY_ONCE)
+
+
+def test_never_committed_stream_partitions_are_rewound_not_changelogs() -> None:
+    assigned = [
+        TP("images", 0),
+        TP("images", 1),
+        TP("images", 2),
+        TP("jobs-changelog", 1),
+    ]
+    committed: dict[TP, int | None] = {TP("images", 0): 57, TP("images", 2): None}
+    assert never_committed(assigned, committed, ["jobs-changelog"]) == [
+        TP("images", 1),
+        TP("images", 2),
+    ]
