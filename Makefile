@@ -50,10 +50,11 @@ run: install
 # Two test processes (pytest-xdist): the integration tests mostly wait on the processes
 # and brokers they start, and one process left about half of two cores idle. Tests that
 # share a stack, a broker or module fixtures stay in one process (tests/integration/
-# conftest.py). TEST_PROCESSES=0 runs everything in this process.
+# conftest.py). TEST_PROCESSES=0 runs everything in this process. The run ends with its
+# 15 slowest tests, so where the suite's time goes shows in every CI log.
 TEST_PROCESSES ?= 2
 test: install chromium
-	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadgroup
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadgroup --durations=15
 
 test-unit: install
 	$(BIN)/pytest -q -m "not integration"
@@ -80,7 +81,7 @@ schemas: install
 # model), written to bench/RESULTS-polling.md. About 30 min on 2 idle CPU cores.
 # The pipeline runs on the embedded broker, then on Apache Kafka (one node), reported
 # side by side, where Java 17+ runs (else on the embedded broker alone, saying why);
-# BENCH_ARGS="--broker embedded|apache|both" picks (Apache Kafka adds ~6 min).
+# BENCH_ARGS="--broker embedded|apache|both" picks (Apache Kafka adds ~7 min).
 # BENCH_ARGS="--quick" for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
