@@ -214,6 +214,52 @@ def joined_generation(log: str) -> int | None:
     return int(joined[-1]) if joined else None
 
 
+def wait_for_one_generation(*workers: Component, timeout_s: float = 60) -> None:
+    """Until every worker has joined the group and all joined the same generation: each
+    owns partitions before load starts."""
+
+    def generations() -> set[int | None]:
+        return {joined_generation(worker.log()) for worker in workers}
+
+    wait_until(
+        lambda: None not in generations() and len(generations()) == 1,
+        timeout_s,
+        "the group to rebalance over every worker",
+    )
+
+
+async def sigkill_mid_batch(stack: Stack, worker: Component, after_results: int = 8) -> None:
+    """SIGKILL `worker` in the middle of a batch, once `after_results` of its captions are
+    out (the captioners of tests.integration.flaky mark a batch in flight with a file)."""
+    await asyncio.to_thread(
+        wait_until,
+        lambda: worker.log().count("captioned") >= after_results,
+        60,
+        "the first results",
+        0.1,
+    )
+    inflight = stack.data_dir / f"inflight-{worker.proc.pid}"
+    await asyncio.to_thread(wait_until, inflight.exists, 30, "the worker mid-batch", 0.02)
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+
+
+async def all_succeed(
+    gateway: Gateway, job_ids: list[str], timeout_s: float = 180
+) -> dict[str, dict[str, object]]:
+    """Wait (polling status, as clients do) until every job is finished; each must be
+    SUCCESS. Returns the final status of each job."""
+
+    def unfinished() -> int:
+        views = asyncio.run(gateway.statuses(job_ids))
+        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
+
+    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, timeout_s, "every job", 1.0)
+    views = await gateway.statuses(job_ids)
+    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    return views
+
+
 async def submit_images(gateway: Gateway, count: int, first: int = 0) -> list[str]:
     """Upload `count` distinct small PNGs, 16 at a time; each must be accepted (202)."""
     limits = httpx.Limits(max_connections=16)

@@ -34,11 +34,13 @@ from tests.integration.apache import wait_for_partitions
 from tests.integration.stack import (
     Gateway,
     Stack,
+    all_succeed,
     check_one_caption_per_job,
-    joined_generation,
     read_topic,
+    sigkill_mid_batch,
     stack_on,
     submit_images,
+    wait_for_one_generation,
     wait_until,
 )
 
@@ -97,13 +99,7 @@ async def submit_while(
 async def finish_all(stack: Stack, gateway: Gateway, job_ids: list[str]) -> None:
     """Every job ends SUCCESS with one caption, and every partition is back to ISR 3."""
 
-    def unfinished() -> int:
-        views = asyncio.run(gateway.statuses(job_ids))
-        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
-
-    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
-    views = await gateway.statuses(job_ids)
-    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    views = await all_succeed(gateway, job_ids)
     await check_one_caption_per_job(stack.bootstrap, views, job_ids)
     for topic in (TOPICS.images.name, TOPICS.job_state.name):
         await wait_for_partitions(stack.bootstrap, topic, 60, "back to ISR 3", all_in_sync)
@@ -211,33 +207,11 @@ async def test_exactly_once_a_killed_worker_leaves_one_caption_per_job(
     stack = replicated_stack
     doomed, survivor = stack.start_workers(2, CAPTIONSTREAM_PROCESSING_GUARANTEE="exactly_once")
     gateway = stack.start_gateway()
-
-    def generations() -> set[int | None]:
-        return {joined_generation(doomed.log()), joined_generation(survivor.log())}
-
-    await asyncio.to_thread(
-        wait_until,
-        lambda: None not in generations() and len(generations()) == 1,
-        60,
-        "the group to rebalance over both workers",
-    )
+    await asyncio.to_thread(wait_for_one_generation, doomed, survivor)
     submitting = asyncio.create_task(submit_images(gateway, JOBS, first=2000))
-    await asyncio.to_thread(
-        wait_until, lambda: doomed.log().count("captioned") >= 8, 60, "the first results", 0.1
-    )
-    inflight = stack.data_dir / f"inflight-{doomed.proc.pid}"
-    await asyncio.to_thread(wait_until, inflight.exists, 30, "the doomed worker mid-batch", 0.02)
-    doomed.proc.send_signal(signal.SIGKILL)
-    doomed.proc.wait()
+    await sigkill_mid_batch(stack, doomed)
     job_ids = await submitting
-
-    def unfinished() -> int:
-        views = asyncio.run(gateway.statuses(job_ids))
-        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
-
-    await asyncio.to_thread(wait_until, lambda: unfinished() == 0, 180, "every job to finish", 1.0)
-    views = await gateway.statuses(job_ids)
-    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    views = await all_succeed(gateway, job_ids)
     assert survivor.alive()
 
     events: dict[str, int] = defaultdict(int)

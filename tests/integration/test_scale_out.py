@@ -8,7 +8,6 @@ id), and the survivor must have taken over the dead worker's partitions.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -21,12 +20,13 @@ from schemas.events import (
 from schemas.topics import TOPICS
 from tests.integration.stack import (
     Stack,
+    all_succeed,
     check_one_caption_per_job,
-    joined_generation,
     own_stack,
     read_topic,
+    sigkill_mid_batch,
     submit_images,
-    wait_until,
+    wait_for_one_generation,
 )
 
 pytestmark = pytest.mark.brokers("embedded", "apache")
@@ -51,37 +51,16 @@ async def test_sigkill_one_of_two_workers_loses_no_job(two_workers: Stack) -> No
     doomed, survivor = stack.start_workers(2)
     gateway = stack.start_gateway()
 
-    # Both workers own partitions before the load starts: both joined the same generation.
-    def generations() -> tuple[int | None, int | None]:
-        return joined_generation(doomed.log()), joined_generation(survivor.log())
-
-    wait_until(
-        lambda: generations()[0] is not None and len(set(generations())) == 1,
-        30,
-        "the group to rebalance over both workers",
-    )
+    # Both workers own partitions before the load starts.
+    wait_for_one_generation(doomed, survivor, timeout_s=30)
 
     # Watching for the moment to kill starts with the submissions, not after them: the
     # kill lands early in the doomed worker's share (>= 6 s of captioning), never after
     # it (a slow submission could let it finish first).
     submitting = asyncio.create_task(submit_images(gateway, JOBS))
-    # Kill one worker in the middle of a batch, once some of its results are out.
-    await asyncio.to_thread(
-        wait_until, lambda: doomed.log().count("captioned") >= 8, 60, "the first results", 0.1
-    )
-    inflight = stack.data_dir / f"inflight-{doomed.proc.pid}"
-    await asyncio.to_thread(wait_until, inflight.exists, 30, "the doomed worker mid-batch", 0.02)
-    doomed.proc.send_signal(signal.SIGKILL)
-    doomed.proc.wait()
+    await sigkill_mid_batch(stack, doomed)
     job_ids = await submitting
-
-    def finished() -> int:
-        views = asyncio.run(gateway.statuses(job_ids))
-        return sum(v["status"] in ("SUCCESS", "FAILURE") for v in views.values())
-
-    await asyncio.to_thread(wait_until, lambda: finished() == JOBS, 180, "every job to finish", 1.0)
-    views = await gateway.statuses(job_ids)
-    assert {v["status"] for v in views.values()} == {"SUCCESS"}
+    views = await all_succeed(gateway, job_ids)
     assert survivor.alive()
 
     captions = await check_one_caption_per_job(stack.bootstrap, views, job_ids)

@@ -71,14 +71,11 @@ async def test_on_kafka_end_offsets_come_from_the_broker(in_transaction: bool) -
     assert asked == [tps]
 
 
-@pytest.mark.parametrize(("profile", "idempotent"), [("embedded", False), ("kafka", True)])
-def test_worker_transport_follows_the_profile(
-    profile: str, idempotent: bool, tmp_path: Path
-) -> None:
-    settings = ProcessorSettings(kafka_bootstrap="127.0.0.1:9555", kafka_profile=profile)
+def worker_app(settings: ProcessorSettings, tmp_path: Path) -> Any:
+    """The worker's Faust app as `processor.worker` wires it (nothing is started)."""
     kafka = KafkaConnection.from_settings(settings, "processor")
     captioner: Any = SimpleNamespace(name="fake")
-    app = create_app(
+    return create_app(
         settings,
         captioner,
         LocalBlobStore(tmp_path / "blobs"),
@@ -86,6 +83,14 @@ def test_worker_transport_follows_the_profile(
         InferenceThread(),
         kafka,
     ).app
+
+
+@pytest.mark.parametrize(("profile", "idempotent"), [("embedded", False), ("kafka", True)])
+def test_worker_transport_follows_the_profile(
+    profile: str, idempotent: bool, tmp_path: Path
+) -> None:
+    settings = ProcessorSettings(kafka_bootstrap="127.0.0.1:9555", kafka_profile=profile)
+    app = worker_app(settings, tmp_path)
     assert issubclass(app.transport.Consumer, faust_aiokafka.Consumer)
     assert app.conf.processing_guarantee.value == "at_least_once"
     assert app.conf.table_standby_replicas == 1
@@ -101,16 +106,7 @@ def test_exactly_once_worker_wiring(tmp_path: Path) -> None:
         kafka_profile="kafka",
         processing_guarantee="exactly_once",
     )
-    kafka = KafkaConnection.from_settings(settings, "processor")
-    captioner: Any = SimpleNamespace(name="fake")
-    app = create_app(
-        settings,
-        captioner,
-        LocalBlobStore(tmp_path / "blobs"),
-        tmp_path / "state",
-        InferenceThread(),
-        kafka,
-    ).app
+    app = worker_app(settings, tmp_path)
     assert app.conf.processing_guarantee.value == "exactly_once"
     assert str(app.conf.store) == "memory:"
     assert app.conf.table_standby_replicas == 0
