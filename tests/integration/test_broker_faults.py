@@ -44,7 +44,7 @@ from tests.integration.stack import (
     wait_until,
 )
 
-JOBS = 200
+JOBS = 120
 FAILOVER_SUBMIT_S = 10.0
 
 
