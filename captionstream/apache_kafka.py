@@ -29,8 +29,8 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -263,6 +263,34 @@ def new_cluster_id() -> str:
 class NodePorts:
     client: int
     controller: int
+    listeners: Mapping[str, int] = field(default_factory=dict)  # extra listener -> port
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A client listener beside PLAINTEXT, e.g. SASL_SSL or mutual TLS.
+
+    PLAINTEXT stays: brokers replicate over it and the launcher checks readiness on it,
+    so a secured listener under test is reached only by the clients pointed at it.
+    `properties` are that listener's own settings, written as
+    `listener.name.<name>.<key>` (e.g. `ssl.keystore.location`, `sasl.enabled.mechanisms`).
+    """
+
+    name: str  # upper case, e.g. "SASL_SSL" or "MTLS"
+    protocol: str  # SSL, SASL_SSL or SASL_PLAINTEXT
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ScramCredential:
+    """A SCRAM user written into the metadata log when the storage is formatted."""
+
+    name: str
+    password: str
+    mechanism: str = "SCRAM-SHA-512"
+
+    def format_option(self) -> list[str]:
+        return ["--add-scram", f"{self.mechanism}=[name={self.name},password={self.password}]"]
 
 
 class ApacheKafkaCluster:
@@ -287,6 +315,8 @@ class ApacheKafkaCluster:
         heap_mb: int = 256,
         properties: Mapping[str, str] | None = None,
         jars_dir: Path | None = None,
+        listeners: Sequence[Listener] = (),
+        scram_credentials: Sequence[ScramCredential] = (),
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, not {nodes}")
@@ -296,6 +326,8 @@ class ApacheKafkaCluster:
         self.heap_mb = heap_mb
         self.properties = dict(properties or {})
         self.jars_dir = jars_dir
+        self.listeners = tuple(listeners)
+        self.scram_credentials = tuple(scram_credentials)
         self._libs: Path | None = None
         self._cluster_id = ""
         self._ports: dict[int, NodePorts] = {}
@@ -317,6 +349,10 @@ class ApacheKafkaCluster:
     def bootstrap(self) -> str:
         """Every node's client listener, comma-separated (valid once started)."""
         return ",".join(f"{self.host}:{self._ports[i].client}" for i in self.node_ids)
+
+    def bootstrap_of(self, listener: str) -> str:
+        """Every node's port of the extra listener named `listener`."""
+        return ",".join(f"{self.host}:{self._ports[i].listeners[listener]}" for i in self.node_ids)
 
     def address(self, node_id: int) -> str:
         return f"{self.host}:{self._ports[node_id].client}"
@@ -411,19 +447,30 @@ class ApacheKafkaCluster:
                 )
             self._cluster_id = layout["cluster_id"]
             self._ports = {
-                int(i): NodePorts(p["client"], p["controller"]) for i, p in layout["nodes"].items()
+                int(i): NodePorts(p["client"], p["controller"], p.get("listeners", {}))
+                for i, p in layout["nodes"].items()
             }
-            return
-        self._cluster_id = new_cluster_id()
-        taken: set[int] = set()
+            wanted = {listener.name for listener in self.listeners}
+            if all(set(p.listeners) == wanted for p in self._ports.values()):
+                return
+        else:
+            self._cluster_id = new_cluster_id()
+        taken = {port for p in self._ports.values() for port in (p.client, p.controller)}
         for node_id in self.node_ids:
-            client, controller = _distinct_free_ports(self.host, taken, 2)
-            self._ports[node_id] = NodePorts(client, controller)
+            if node_id in self._ports:  # a known node: keep its ports, add new listeners
+                client, controller = self._ports[node_id].client, self._ports[node_id].controller
+            else:
+                client, controller = _distinct_free_ports(self.host, taken, 2)
+            ports = _distinct_free_ports(self.host, taken, len(self.listeners))
+            extra = {
+                listener.name: port for listener, port in zip(self.listeners, ports, strict=True)
+            }
+            self._ports[node_id] = NodePorts(client, controller, extra)
         layout = {
             "kafka_version": KAFKA_VERSION,
             "cluster_id": self._cluster_id,
             "nodes": {
-                str(i): {"client": p.client, "controller": p.controller}
+                str(i): {"client": p.client, "controller": p.controller, "listeners": p.listeners}
                 for i, p in self._ports.items()
             },
         }
@@ -432,20 +479,27 @@ class ApacheKafkaCluster:
     def server_properties(self, node_id: int) -> dict[str, str]:
         ports = self._ports[node_id]
         node_dir = self.node_dir(node_id)
+        extra = [(x, ports.listeners[x.name]) for x in self.listeners]
+        advertised = [f"PLAINTEXT://{self.host}:{ports.client}"]
+        advertised += [f"{x.name}://{self.host}:{port}" for x, port in extra]
         props = {
             "process.roles": "broker,controller",
             "node.id": str(node_id),
-            "listeners": (
-                f"PLAINTEXT://{self.host}:{ports.client},CONTROLLER://{self.host}:{ports.controller}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{ports.client}",
+            "listeners": ",".join([*advertised, f"CONTROLLER://{self.host}:{ports.controller}"]),
+            "advertised.listeners": ",".join(advertised),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": ",".join(
+                ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+                + [f"{x.name}:{x.protocol}" for x, _ in extra]
+            ),
             "log.dirs": str(node_dir / "data"),
             **COMMON_PROPERTIES,
             **replication_properties(self.nodes),
         }
+        for listener, _ in extra:
+            prefix = f"listener.name.{listener.name.lower()}."
+            props.update({prefix + key: value for key, value in listener.properties.items()})
         if self.nodes == 1:
             props["controller.quorum.bootstrap.servers"] = f"{self.host}:{ports.controller}"
         else:
@@ -543,6 +597,8 @@ class ApacheKafkaCluster:
                 str(self.node_dir(node_id) / "server.properties"),
                 "--ignore-formatted",
             ]
+            for credential in self.scram_credentials:
+                cmd += credential.format_option()
             if self.nodes == 1:
                 cmd.append("--standalone")
             formatting[node_id] = subprocess.Popen(
@@ -564,7 +620,7 @@ class ApacheKafkaCluster:
 
     def _launch(self, node_id: int) -> None:
         ports = self._ports[node_id]
-        for port in (ports.client, ports.controller):
+        for port in (ports.client, ports.controller, *ports.listeners.values()):
             if port_open(self.host, port):
                 raise BrokerError(f"{self.host}:{port} (node {node_id}) is already in use")
         assert self._libs is not None

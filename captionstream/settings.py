@@ -9,9 +9,16 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, computed_field, field_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captionstream.logging_config import LogFormat
@@ -50,6 +57,30 @@ class ProcessingGuarantee(enum.StrEnum):
     # Kafka transactions: read_committed consumers see each job's caption exactly once.
     # Needs a broker with transactions (the kafka profile; not the embedded broker).
     EXACTLY_ONCE = "exactly_once"
+
+
+class KafkaSecurityProtocol(enum.StrEnum):
+    """How clients talk to the brokers (Kafka's `security.protocol`)."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"  # TLS; with a client certificate and key, mutual TLS (mTLS)
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+    @property
+    def tls(self) -> bool:
+        return self in (KafkaSecurityProtocol.SSL, KafkaSecurityProtocol.SASL_SSL)
+
+    @property
+    def sasl(self) -> bool:
+        return self in (KafkaSecurityProtocol.SASL_PLAINTEXT, KafkaSecurityProtocol.SASL_SSL)
+
+
+class KafkaSaslMechanism(enum.StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+    OAUTHBEARER = "OAUTHBEARER"  # tokens from kafka_sasl_oauth_token_provider
 
 
 def _default_data_dir() -> Path:
@@ -108,6 +139,47 @@ class CommonSettings(BaseSettings):
         "under the same id within the session timeout keeps its partitions, without a "
         "rebalance. Must be unique per process.",
     )
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        default=KafkaSecurityProtocol.PLAINTEXT,
+        description="PLAINTEXT, SSL (TLS; mTLS with kafka_ssl_certfile and _keyfile), "
+        "SASL_PLAINTEXT or SASL_SSL. Every Kafka client of every component uses it.",
+    )
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = Field(
+        default=None,
+        description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER; required with a "
+        "SASL_* security protocol.",
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, description="PLAIN and SCRAM: the principal's name."
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="PLAIN and SCRAM: its password (never logged)."
+    )
+    kafka_sasl_oauth_token_provider: str | None = Field(
+        default=None,
+        description="OAUTHBEARER: `package.module:factory`, a callable with no arguments "
+        "that returns an aiokafka `AbstractTokenProvider` (MSK IAM, OIDC client "
+        "credentials, ...): the plug-in point for token sources.",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the brokers' certificates. Unset: "
+        "the system's trust store (public CAs: MSK, Confluent Cloud, Redpanda Cloud).",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="mTLS: this client's certificate chain (PEM)."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None, description="mTLS: the certificate's private key (PEM)."
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="mTLS: the password of an encrypted private key."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that a broker's certificate names the host connected to. "
+        "Turn off only for brokers reached by an address their certificates lack.",
+    )
     data_dir: Path = Field(default_factory=_default_data_dir)
     job_ttl_s: float = Field(
         default=24 * 3600,
@@ -136,6 +208,46 @@ class CommonSettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `CAPTIONSTREAM_KAFKA_BOOTSTRAP=` (empty) means "not set", consistently everywhere.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _coherent_kafka_security(self) -> Self:
+        """Contradictory security settings fail at start-up with the setting to fix, not
+        later as an opaque handshake error."""
+        protocol, mechanism = self.kafka_security_protocol, self.kafka_sasl_mechanism
+        if protocol.sasl and mechanism is None:
+            raise ValueError(
+                f"kafka_security_protocol={protocol.value} needs kafka_sasl_mechanism "
+                "(PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)"
+            )
+        if not protocol.sasl and mechanism is not None:
+            raise ValueError(
+                f"kafka_sasl_mechanism={mechanism.value} needs kafka_security_protocol "
+                "SASL_SSL or SASL_PLAINTEXT"
+            )
+        if mechanism is KafkaSaslMechanism.OAUTHBEARER:
+            if not self.kafka_sasl_oauth_token_provider:
+                raise ValueError("OAUTHBEARER needs kafka_sasl_oauth_token_provider")
+        elif mechanism is not None and (
+            not self.kafka_sasl_username or self.kafka_sasl_password is None
+        ):
+            raise ValueError(f"{mechanism.value} needs kafka_sasl_username and kafka_sasl_password")
+        tls_files = {
+            "kafka_ssl_cafile": self.kafka_ssl_cafile,
+            "kafka_ssl_certfile": self.kafka_ssl_certfile,
+            "kafka_ssl_keyfile": self.kafka_ssl_keyfile,
+        }
+        given = [name for name, value in tls_files.items() if value is not None]
+        if given and not protocol.tls:
+            raise ValueError(
+                f"{', '.join(given)} set, but kafka_security_protocol={protocol.value} "
+                "does not use TLS (SSL or SASL_SSL)"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("mTLS needs both kafka_ssl_certfile and kafka_ssl_keyfile")
+        missing = [f"{n}={v}" for n, v in tls_files.items() if v is not None and not v.is_file()]
+        if missing:
+            raise ValueError(f"no such file: {', '.join(missing)}")
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -2,19 +2,20 @@
 
 Every admin client, producer, consumer and the Faust app is built from a
 `KafkaConnection`, so what a client needs to talk to the cluster (bootstrap servers, a
-client id naming the component, the broker profile's tuning, and the security settings
-that plug in here) is decided once, not at each call site.
+client id naming the component, the broker profile's tuning, and how it authenticates
+and encrypts: `KafkaSecurity`) is decided once, not at each call site.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from captionstream.kafka.profiles import ClientTuning, tuning_for
+from captionstream.kafka.security import KafkaSecurity
 from captionstream.settings import CommonSettings, KafkaCompression, KafkaProfile
 
 
@@ -29,6 +30,7 @@ class KafkaConnection:
     rebalance_timeout_s: float | None = None  # None: the client library's default
     group_instance_id: str | None = None
     compression: KafkaCompression | None = None  # None: the profile's
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # PLAINTEXT
 
     @classmethod
     def from_settings(cls, settings: CommonSettings, role: str) -> KafkaConnection:
@@ -42,6 +44,7 @@ class KafkaConnection:
             rebalance_timeout_s=settings.kafka_rebalance_timeout_s,
             group_instance_id=settings.kafka_group_instance_id,
             compression=settings.kafka_compression,
+            security=KafkaSecurity.from_settings(settings),
         )
 
     @property
@@ -67,7 +70,11 @@ class KafkaConnection:
         return None if self.compression is KafkaCompression.NONE else self.compression.value
 
     def _common(self) -> dict[str, Any]:
-        return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id}
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            **self.security.aiokafka_kwargs(),
+        }
 
     # --- aiokafka ----------------------------------------------------------------------
 
@@ -156,6 +163,9 @@ class KafkaConnection:
             "broker_heartbeat_interval": self.heartbeat_interval,
             "producer_acks": -1,
         }
+        credentials = self.security.faust_credentials()
+        if credentials is not None:
+            settings["broker_credentials"] = credentials
         if self.rebalance_timeout_s is not None:
             settings["broker_rebalance_timeout"] = self.rebalance_timeout_s
         if self.group_instance_id is not None:

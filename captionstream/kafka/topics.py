@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from captionstream.errors import BrokerError, TopicMismatch
 from captionstream.kafka.connection import KafkaConnection
+from captionstream.kafka.diagnose import unreachable
 from captionstream.settings import KafkaProfile
 from schemas.topics import TOPICS, TopicSpec
 
@@ -183,10 +184,7 @@ async def ensure_topics(
         await asyncio.wait_for(admin.start(), timeout_s)
     except (TimeoutError, KafkaError, OSError) as exc:
         await admin.close()
-        raise BrokerError(
-            f"cannot reach Kafka at {connection.bootstrap} ({exc!r}); start it with "
-            "`captionstream broker` or set CAPTIONSTREAM_KAFKA_BOOTSTRAP"
-        ) from exc
+        raise await unreachable(connection, exc) from exc
     try:
         described = await _partition_counts(admin, [t.name for t in plan])
         missing = [t for t in plan if t.name not in described]

@@ -68,6 +68,8 @@ def _broker_of(item: pytest.Item) -> str:
         return kind
     if "apache_kafka_cluster" in names:
         return "apache (3 nodes)"
+    if "secured_kafka" in names:
+        return "apache (SASL_SSL, mTLS)"
     if "apache_kafka" in names:
         return "apache"
     return "embedded"

@@ -44,6 +44,7 @@ def test_kafka_profile_is_tuned_for_production(monkeypatch: pytest.MonkeyPatch) 
         "enable_idempotence": True,
         "compression_type": "lz4",
         "request_timeout_ms": 2500,
+        "security_protocol": "PLAINTEXT",
     }
     assert kafka.group_kwargs() == {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 3000}
     faust = kafka.faust_settings()
