@@ -67,6 +67,15 @@ class BlobNotFound(CaptionstreamError):
     http_status = 404
 
 
+class BlobStoreUnavailable(CaptionstreamError):
+    """The blob store (an object store) failed a request it should have served: down,
+    throttling, or refusing us. Retried; the message names the store and the cause."""
+
+    http_status = 503
+    retriable = True
+    retry_after_s = 2
+
+
 # --- processor ------------------------------------------------------------------------
 
 

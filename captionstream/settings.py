@@ -10,6 +10,7 @@ import enum
 import os
 from pathlib import Path
 from typing import Annotated, Self
+from urllib.parse import urlparse
 
 from pydantic import (
     Field,
@@ -203,11 +204,44 @@ class CommonSettings(BaseSettings):
         "`default.replication.factor` (the embedded broker: 1).",
     )
 
+    # Blob storage: where image bytes live between the gateway and the workers.
+    blob_store: str | None = Field(
+        default=None,
+        description="`s3://BUCKET/PREFIX` (or `s3://BUCKET`): images in an S3-compatible "
+        "object store, which workers on other hosts read; the bucket must exist. Unset: "
+        "the directory `data_dir`/blobs, which every worker must see. Credentials: the "
+        "standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+        "roles).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store for `blob_store`, e.g. "
+        "`http://minio:9000`, an R2 account endpoint; unset: AWS (or AWS_ENDPOINT_URL).",
+    )
+    s3_region: str | None = Field(
+        default=None,
+        description="Region of `blob_store`'s bucket; unset: AWS_REGION / "
+        "AWS_DEFAULT_REGION or the profile's.",
+    )
+
     @field_validator("kafka_bootstrap", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `CAPTIONSTREAM_KAFKA_BOOTSTRAP=` (empty) means "not set", consistently everywhere.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("blob_store", "s3_endpoint_url", "s3_region", mode="before")
+    @classmethod
+    def _empty_blob_setting_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("blob_store")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        url = urlparse(value) if value is not None else None
+        if url is not None and (url.scheme != "s3" or not url.netloc or url.query):
+            raise ValueError("expected s3://BUCKET or s3://BUCKET/PREFIX (or unset)")
+        return value
 
     @model_validator(mode="after")
     def _coherent_kafka_security(self) -> Self:

@@ -24,7 +24,7 @@ from gateway.routes import demo, health, jobs, metrics
 from gateway.security import api_router_options, install_security
 from gateway.view import JobStateFollower, JobView
 from gateway.webhooks import WebhookDispatcher, WebhookGuard, WebhookSender
-from ingest.blobstore import LocalBlobStore
+from ingest.blobstore import open_blob_store
 from ingest.fetch import FetchPolicy, ImageFetcher
 from ingest.validation import ImageLimits, allow_pixels
 from schemas.events import JobState, utcnow
@@ -56,6 +56,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         allow_pixels(settings.max_pixels)
+        # A blob store that cannot be used fails start-up first, saying what to change.
+        blobs = open_blob_store(settings)
+        await asyncio.to_thread(blobs.check)
         kafka = KafkaConnection.from_settings(settings, "gateway")
         await ensure_topics(
             kafka, own_topics(settings.partitions), replication_factor=settings.replication_factor
@@ -87,7 +90,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.publisher = KafkaJobPublisher(producer)
             app.state.cache = KafkaCaptionCache(view, producer) if settings.caption_cache else None
             app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
-            app.state.blobs = LocalBlobStore(settings.blob_dir)
+            app.state.blobs = blobs
             app.state.fetcher = fetcher
             app.state.limits = ImageLimits.from_settings(settings)
             app.state.webhooks = webhook_guard
@@ -111,6 +114,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await fetcher.aclose()
             await follower.stop()
             await producer.stop()
+            blobs.close()
 
     app = FastAPI(
         title="captionstream",

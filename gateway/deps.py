@@ -13,7 +13,7 @@ from gateway.readiness import Readiness
 from gateway.security import limit_submissions
 from gateway.view import JobStateFollower, JobView
 from gateway.webhooks import WebhookGuard
-from ingest.blobstore import LocalBlobStore
+from ingest.blobstore import BlobStore
 from ingest.fetch import ImageFetcher
 from ingest.validation import ImageLimits
 
@@ -34,7 +34,7 @@ def _cache(request: Request) -> KafkaCaptionCache | None:
     return request.app.state.cache  # type: ignore[no-any-return]
 
 
-def _blobs(request: Request) -> LocalBlobStore:
+def _blobs(request: Request) -> BlobStore:
     return request.app.state.blobs  # type: ignore[no-any-return]
 
 
@@ -68,7 +68,7 @@ class Submission:
 
     view: JobView
     publisher: KafkaJobPublisher
-    blobs: LocalBlobStore
+    blobs: BlobStore
     limits: ImageLimits
     metrics: GatewayMetrics
     cache: KafkaCaptionCache | None
@@ -93,7 +93,7 @@ ViewDep = Annotated[JobView, Depends(_view)]
 WsViewDep = Annotated[JobView, Depends(_ws_view)]
 PublisherDep = Annotated[KafkaJobPublisher, Depends(_publisher)]
 CacheDep = Annotated[KafkaCaptionCache | None, Depends(_cache)]
-BlobsDep = Annotated[LocalBlobStore, Depends(_blobs)]
+BlobsDep = Annotated[BlobStore, Depends(_blobs)]
 LimitsDep = Annotated[ImageLimits, Depends(_limits)]
 FollowerDep = Annotated[JobStateFollower, Depends(_follower)]
 ReadinessDep = Annotated[Readiness, Depends(_readiness)]

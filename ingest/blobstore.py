@@ -1,7 +1,8 @@
 """Blob storage for image bytes; events carry only the reference URI.
 
 `BlobStore` is the seam: the local directory store below serves one machine (or a shared
-volume); an object store can implement the same three methods.
+volume); `ingest.s3_blobstore.S3BlobStore` serves workers on many hosts.
+`open_blob_store` picks one from the settings (CAPTIONSTREAM_BLOB_STORE).
 """
 
 from __future__ import annotations
@@ -15,17 +16,57 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
-from captionstream.errors import BlobNotFound
+from captionstream.errors import BlobNotFound, ConfigurationError
+from captionstream.settings import CommonSettings
 
 
 class BlobStore(Protocol):
+    """What the gateway, the workers and bulk ingest need of a blob store.
+
+    References are opaque strings made by `put`; one outside the store (forged, or made
+    by another store) raises `BlobNotFound`, as does one whose blob is gone.
+    """
+
     async def put(self, data: bytes, sha256: str, extension: str) -> str:
-        """Store `data`; return its reference URI."""
+        """Store `data` (idempotent per content, and a new use of it); return its
+        reference URI."""
         ...
 
     async def get(self, ref: str) -> bytes: ...
 
     async def delete(self, ref: str) -> None: ...
+
+    def get_sync(self, ref: str) -> bytes:
+        """Blocking read, for threads that are not an event loop (the inference thread)."""
+        ...
+
+    def delete_if_idle_sync(self, ref: str, idle_s: float) -> bool:
+        """Delete the blob unless it was stored (used) within the last `idle_s`; True if
+        it was deleted. Blocking."""
+        ...
+
+    def check(self) -> None:
+        """Raise `ConfigurationError` if the store cannot be used (at start-up). Blocking."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_blob_store(settings: CommonSettings) -> BlobStore:
+    """The store CAPTIONSTREAM_BLOB_STORE names: `s3://bucket/prefix`, or unset for the
+    local directory `data_dir`/blobs. Not yet checked: call `check()`."""
+    if settings.blob_store is None:
+        return LocalBlobStore(settings.blob_dir)
+    # Imported only here: boto3 costs ~0.5 s of start-up that local users need not pay.
+    from ingest.s3_blobstore import S3BlobStore, parse_store_url
+
+    try:
+        bucket, prefix = parse_store_url(settings.blob_store)
+    except ValueError as exc:
+        raise ConfigurationError(f"CAPTIONSTREAM_BLOB_STORE: {exc}") from exc
+    return S3BlobStore(
+        bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
 
 
 class LocalBlobStore:
@@ -90,6 +131,12 @@ class LocalBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+    def check(self) -> None:
+        """Nothing to check: the constructor made the directory."""
+
+    def close(self) -> None:
+        pass
 
     async def put(self, data: bytes, sha256: str, extension: str) -> str:
         return await asyncio.to_thread(self.put_sync, data, sha256, extension)

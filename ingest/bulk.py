@@ -45,7 +45,7 @@ from captionstream.kafka import (
 )
 from captionstream.settings import BulkIngestSettings
 from gateway.publisher import KafkaJobPublisher
-from ingest.blobstore import LocalBlobStore
+from ingest.blobstore import BlobStore, open_blob_store
 from ingest.submission import JobPublisher, submit_image
 from ingest.validation import ALLOWED_EXTENSIONS, ImageLimits, allow_pixels
 from schemas.events import (
@@ -495,7 +495,7 @@ class BulkIngest:
         self.timeout_s = timeout_s
         self.progress = progress
         self.limits = ImageLimits.from_settings(settings)
-        self.blobs = LocalBlobStore(settings.blob_dir)
+        self.blobs: BlobStore = open_blob_store(settings)
         self.slots = asyncio.Semaphore(concurrency)
         self.waiter = ResultWaiter(self._on_done)
         self.summary = Summary()
@@ -618,6 +618,7 @@ class BulkIngest:
     async def run(self, todo: list[WorkItem], resumed: Iterable[PendingJob]) -> Summary:
         settings = self.settings
         allow_pixels(settings.max_pixels)
+        await asyncio.to_thread(self.blobs.check)  # a wrong blob store: stop before Kafka
         kafka = KafkaConnection.from_settings(settings, "ingest")
         await ensure_topics(
             kafka, own_topics(settings.partitions), replication_factor=settings.replication_factor
@@ -664,6 +665,7 @@ class BulkIngest:
             if consumer is not None:
                 await stop_consumer(consumer)
             await producer.stop()
+            self.blobs.close()
         if self.fatal is not None:
             raise BrokerError(f"submitting stopped: {self.fatal!r}") from self.fatal
         self.summary.unfinished = len(self.journal.pending)

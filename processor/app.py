@@ -19,9 +19,10 @@ from typing import Any
 import faust
 from faust.streams import _current_event as faust_current_event
 
+from captionstream.errors import CaptionstreamError
 from captionstream.kafka import KafkaConnection
 from captionstream.settings import ProcessingGuarantee, ProcessorSettings
-from ingest.blobstore import LocalBlobStore
+from ingest.blobstore import BlobStore
 from processor.captioner import Captioner
 from processor.inference import InferenceThread
 from processor.observability import ProcessorMetrics
@@ -182,7 +183,7 @@ class ProcessorApp:
 def create_app(
     settings: ProcessorSettings,
     captioner: Captioner,
-    blobs: LocalBlobStore,
+    blobs: BlobStore,
     datadir: Path,
     inference: InferenceThread,
     kafka: KafkaConnection,
@@ -336,9 +337,12 @@ def create_app(
                     del cancelled[key]
                 await sink.forget(request.job_id)
             if request.image_ref is not None:
-                await asyncio.to_thread(
-                    blobs.delete_if_idle_sync, request.image_ref, settings.job_ttl_s
-                )
+                try:
+                    await asyncio.to_thread(
+                        blobs.delete_if_idle_sync, request.image_ref, settings.job_ttl_s
+                    )
+                except CaptionstreamError as exc:  # an object store down: not the agent's end
+                    log.warning("job %s: image not deleted: %s", request.job_id, exc.detail)
             log.info("job %s expired and deleted", request.job_id)
 
     @app.timer(interval=settings.janitor_interval_s)  # type: ignore[untyped-decorator]

@@ -16,7 +16,7 @@ from captionstream.errors import ConfigurationError
 from captionstream.kafka import KafkaConnection, ensure_topics, topic_plan, tuning_for
 from captionstream.logging_config import LogFormat, adopt_library_output, faust_logging_config
 from captionstream.settings import ProcessingGuarantee, ProcessorSettings
-from ingest.blobstore import LocalBlobStore
+from ingest.blobstore import open_blob_store
 from ingest.validation import allow_pixels
 from processor.allocator import tune_malloc
 from processor.app import create_app
@@ -121,6 +121,9 @@ def run_worker(settings: ProcessorSettings) -> None:
     # Before torch and the inference thread allocate: the arena limit only applies to
     # arenas created after it.
     tune_malloc(settings.malloc_tuning, keep_bytes=settings.malloc_keep_bytes)
+    # Before the model loads (tens of seconds): a blob store it cannot read fails at once.
+    blobs = open_blob_store(settings)
+    blobs.check()
     # Every torch call from here on runs on the one inference thread (processor.inference).
     inference = InferenceThread()
     inference.call(configure_torch_threads, settings.torch_threads)
@@ -142,7 +145,6 @@ def run_worker(settings: ProcessorSettings) -> None:
         )
     )
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
-    blobs = LocalBlobStore(settings.blob_dir)
     processor = create_app(settings, captioner, blobs, datadir, inference, kafka)
     # Before Faust opens the tables: state its changelog no longer backs (a restarted
     # in-memory broker, a recreated topic) is dropped and rebuilt instead of crashing.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -348,6 +349,34 @@ class S3Server:
     def tansu_env(self) -> dict[str, str]:
         # moto takes any key; Tansu insists on having one.
         return s3_env(self.endpoint, "test", "test", "us-east-1")
+
+    def enforce_auth(self) -> dict[str, str]:
+        """Make moto check every request's signature and rights from now on (it takes any
+        key until then); returns the environment of an access key allowed all of S3.
+        The "test" key of `tansu_env` is refused afterwards."""
+        import boto3
+
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+        iam.create_user(UserName="captionstream")
+        allow_s3 = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        iam.put_user_policy(
+            UserName="captionstream",
+            PolicyName="s3",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [allow_s3]}),
+        )
+        key = iam.create_access_key(UserName="captionstream")["AccessKey"]
+        httpx.post(f"{self.endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
+        return {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
 
 @contextlib.contextmanager
