@@ -12,14 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
 from captionstream.broker import EmbeddedBroker, die_with_parent, s3_env
-from captionstream.errors import CaptionstreamError
+from captionstream.errors import CaptionstreamError, ConfigurationError
 from captionstream.kafka import KafkaConnection
+from captionstream.kafka.acls import Acl
 from captionstream.logging_config import configure_logging
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
@@ -190,7 +191,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
     """Print every topic the system uses and the ACLs each component needs; with
     `--create`, create the missing topics and check the existing ones."""
     from captionstream.kafka import ensure_topics, topic_plan
-    from captionstream.kafka.acls import component_acls, render_plan
+    from captionstream.kafka.acls import component_acls, grant, render_plan
 
     settings = ProcessorSettings()
     plan = topic_plan(settings.partitions, settings.group_id)
@@ -200,8 +201,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
         settings.group_id, GatewaySettings().webhook_group_id, transactional=exactly_once
     )
     print(render_plan(plan, settings.replication_factor, acls))
+    grants = [grant_for(spec, acls) for spec in args.grant]  # bad specs fail before Kafka
+    kafka = KafkaConnection.from_settings(settings, "admin")
     if args.create:
-        kafka = KafkaConnection.from_settings(settings, "admin")
         created = asyncio.run(
             ensure_topics(kafka, plan, replication_factor=settings.replication_factor)
         )
@@ -209,7 +211,23 @@ def cmd_topics(args: argparse.Namespace) -> int:
             "created %s; every topic of the plan exists as planned",
             ", ".join(created) if created else "nothing",
         )
+    for component, principal, wanted in grants:
+        count = asyncio.run(grant(kafka, principal, wanted))
+        log.info("granted %s the %d ACLs of the %s", principal, count, component)
     return 0
+
+
+def grant_for(spec: str, acls: Mapping[str, list[Acl]]) -> tuple[str, str, list[Acl]]:
+    """`COMPONENT=PRINCIPAL` (`processor=User:worker`) -> that component's ACLs."""
+    component, _, principal = spec.partition("=")
+    names = {name.split()[0]: name for name in acls}  # "downstream consumer (...)": "downstream"
+    names["tail"] = names["downstream"]
+    if component not in names or ":" not in principal:
+        raise ConfigurationError(
+            f"--grant {spec!r}: expected COMPONENT=PRINCIPAL, COMPONENT one of "
+            f"{', '.join(sorted(names))} and PRINCIPAL like User:NAME"
+        )
+    return names[component], principal, acls[names[component]]
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -320,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--create",
         action="store_true",
         help="create the missing topics (as an administrator) and check the existing ones",
+    )
+    topics.add_argument(
+        "--grant",
+        action="append",
+        default=[],
+        metavar="COMPONENT=PRINCIPAL",
+        help="allow PRINCIPAL (e.g. User:worker) the ACLs listed for COMPONENT (gateway, "
+        "processor, ingest, tail); repeatable; needs an administrator's connection",
     )
     topics.set_defaults(func=cmd_topics)
     ingest = sub.add_parser(

@@ -32,7 +32,16 @@ class BrokerError(CaptionstreamError):
     # A partition leader that died is replaced within seconds (3.4-5.2 s measured on a
     # 3-node Apache Kafka, docs/kafka.md): a client that waits this long and retries
     # usually gets through.
-    retry_after_s = 2
+    retry_after_s: int | None = 2
+
+
+class KafkaAccessDenied(BrokerError):
+    """Kafka's ACLs refuse this component's principal an operation it needs. A deployment
+    error, not an outage: retrying does not help; the message names the operation and
+    the resource to grant (`captionstream topics --grant`)."""
+
+    retriable = False
+    retry_after_s = None
 
 
 class TopicMismatch(ConfigurationError):

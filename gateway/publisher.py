@@ -5,13 +5,25 @@ from __future__ import annotations
 import logging
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
+from captionstream.errors import KafkaAccessDenied
 from gateway.view import JobView
 from schemas.events import CaptionProduced, ImageSubmitted, JobCancelRequested, JobState, utcnow
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
+
+
+async def send(producer: AIOKafkaProducer, topic: str, value: bytes | None, key: bytes) -> None:
+    """One record, acknowledged; a topic the principal may not write to is named."""
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    except TopicAuthorizationFailedError as exc:
+        raise KafkaAccessDenied(
+            f"Kafka denies this component's principal WRITE on topic {topic}; grant it "
+            "the ACLs `captionstream topics` lists (`--grant COMPONENT=PRINCIPAL`)"
+        ) from exc
 
 
 class KafkaJobPublisher:
@@ -20,12 +32,12 @@ class KafkaJobPublisher:
 
     async def publish_tombstone(self, job_id: str) -> None:
         """Delete the job from the compacted job-state topic (and from every view)."""
-        await self.producer.send_and_wait(TOPICS.job_state.name, None, key=job_id.encode())
+        await send(self.producer, TOPICS.job_state.name, None, job_id.encode())
 
     async def publish_cancel_request(self, job_id: str) -> None:
         request = JobCancelRequested(job_id=job_id, requested_at=utcnow())
-        await self.producer.send_and_wait(
-            TOPICS.control.name, request.model_dump_json().encode(), key=job_id.encode()
+        await send(
+            self.producer, TOPICS.control.name, request.model_dump_json().encode(), job_id.encode()
         )
 
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
@@ -40,14 +52,10 @@ class KafkaJobPublisher:
         PENDING state is deleted again and the error reaches the caller (503).
         """
         key = event.job_id.encode()
-        await self.producer.send_and_wait(
-            TOPICS.job_state.name, state.model_dump_json().encode(), key=key
-        )
+        await send(self.producer, TOPICS.job_state.name, state.model_dump_json().encode(), key)
         try:
-            await self.producer.send_and_wait(
-                TOPICS.images.name, event.model_dump_json().encode(), key=key
-            )
-        except KafkaError:
+            await send(self.producer, TOPICS.images.name, event.model_dump_json().encode(), key)
+        except (KafkaError, KafkaAccessDenied):
             try:
                 await self.publish_tombstone(event.job_id)
             except KafkaError as exc:
@@ -69,9 +77,5 @@ class KafkaCaptionCache:
     async def publish_hit(self, state: JobState, event: CaptionProduced) -> None:
         key = state.job_id.encode()
         # The caption event first, like the processor: a SUCCESS state always has one.
-        await self.producer.send_and_wait(
-            TOPICS.captions.name, event.model_dump_json().encode(), key=key
-        )
-        await self.producer.send_and_wait(
-            TOPICS.job_state.name, state.model_dump_json().encode(), key=key
-        )
+        await send(self.producer, TOPICS.captions.name, event.model_dump_json().encode(), key)
+        await send(self.producer, TOPICS.job_state.name, state.model_dump_json().encode(), key)

@@ -196,7 +196,15 @@ async def ensure_topics(
                 + "; create them with `captionstream topics --create`"
             )
         if missing:
-            rf = await _replication_factor(admin, replication_factor, connection.profile)
+            try:
+                rf = await _replication_factor(admin, replication_factor, connection.profile)
+            except BrokerError as exc:
+                raise BrokerError(
+                    f"topics not found: {', '.join(t.name for t in missing)} (missing, or "
+                    "hidden from this principal: it needs DESCRIBE on them); creating them "
+                    f"failed: {exc.detail}. An administrator creates the topics and grants "
+                    "the ACLs with `captionstream topics --create --grant ...`"
+                ) from exc
             created = await _create(admin, missing, rf)
             described = await _until_visible(admin, [t.name for t in plan], timeout_s)
         configs = await _topic_configs(admin, connection.profile, [t.name for t in plan])

@@ -7,6 +7,10 @@ producers and tables, `captionstream tail`) must speak TLS and authenticate ther
 PLAINTEXT listener the launcher keeps (replication, readiness) serves only this test's
 own reads.
 
+The broker runs Kafka's StandardAuthorizer: the SCRAM principals hold only the ACLs
+`captionstream topics --grant` gives their component, and a principal missing one gets
+an answer naming the operation and the topic.
+
 Misconfigured clients fail fast, with the cause named: a wrong password, a CA that did
 not sign the broker's certificate, plaintext against a TLS listener, an mTLS client
 without a certificate.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +34,8 @@ from aiokafka.admin import NewTopic
 from captionstream.apache_kafka import ApacheKafkaCluster, Listener, ScramCredential
 from captionstream.errors import ConfigurationError
 from captionstream.kafka import KafkaConnection
-from captionstream.settings import CommonSettings
+from captionstream.kafka.acls import Acl, component_acls, grant
+from captionstream.settings import CommonSettings, KafkaProfile
 from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.apache import running_cluster
@@ -38,7 +44,16 @@ from tests.tls import Issued, TestCA, keystore_properties
 
 SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 OAUTH_LOGIN = "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;"
-USERS = {"gateway": "gateway-secret", "worker": "worker-secret"}
+USERS = {
+    "gateway": "gateway-secret",
+    "worker": "worker-secret",
+    "reader": "reader-secret",  # a downstream consumer of the captions topic
+    "gateway-no-images": "secret",  # the gateway's ACLs but one: WRITE on the images topic
+}
+# The broker's own traffic (PLAINTEXT, CONTROLLER) runs as ANONYMOUS; the mTLS client and
+# the OAUTHBEARER token's subject are administrators here. The SCRAM users are not: they
+# hold exactly the ACLs `captionstream topics --grant` gives their component.
+SUPER_USERS = "User:ANONYMOUS;User:CN=worker-mtls;User:captionstream-tests"
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,14 @@ def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredK
     ]
     credentials = [ScramCredential(name, password) for name, password in USERS.items()]
     for cluster in running_cluster(
-        root / "kafka", nodes=1, listeners=listeners, scram_credentials=credentials
+        root / "kafka",
+        nodes=1,
+        listeners=listeners,
+        scram_credentials=credentials,
+        properties={
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": SUPER_USERS,
+        },
     ):
         other_ca = TestCA(root / "other-pki", "other CA")
         yield SecuredKafka(cluster, ca, other_ca, ca.issue("worker-mtls", server=False))
@@ -113,21 +135,60 @@ def secured_stack(secured_kafka: SecuredKafka, tmp_path: Path) -> Iterator[Stack
         yield stack
 
 
-def run_pipeline(stack: Stack, gateway_env: dict[str, str], worker_env: dict[str, str]) -> None:
+@pytest.fixture(scope="module")
+def least_privilege(secured_kafka: SecuredKafka, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What an administrator does before the first start: create the topics and grant
+    each component's principal its ACLs, with `captionstream topics` (over PLAINTEXT, as
+    ANONYMOUS, a super user here)."""
+    admin = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "captionstream",
+            "topics",
+            "--create",
+            "--grant",
+            "gateway=User:gateway",
+            "--grant",
+            "processor=User:worker",
+            "--grant",
+            "tail=User:reader",
+        ],
+        env={
+            **os.environ,
+            "CAPTIONSTREAM_KAFKA_BOOTSTRAP": secured_kafka.cluster.bootstrap,
+            "CAPTIONSTREAM_DATA_DIR": str(tmp_path_factory.mktemp("admin")),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert admin.returncode == 0, admin.stderr[-3000:]
+    assert "granted User:worker the" in admin.stderr
+
+
+def run_pipeline(
+    stack: Stack,
+    gateway_env: dict[str, str],
+    worker_env: dict[str, str],
+    reader_env: dict[str, str],
+    salt: int,
+) -> None:
     """Upload images, poll their status until SUCCESS (as clients do), and read the
-    captions with `captionstream tail` on the gateway's listener and credentials."""
+    captions with `captionstream tail` as a downstream consumer. `salt` keeps each run's
+    images apart (the caption cache would answer repeats without the worker)."""
     worker = stack.start_worker(60, **worker_env)
     gateway = stack.start_gateway(60, None, **gateway_env)
     job_ids = []
     for i in range(4):
-        response = gateway.upload(make_png(60 + i, 50, color=(i, 90, 200)))
+        response = gateway.upload(make_png(60 + i, 50, color=(i, salt, 200)))
         assert response.status_code == 202, response.text
         job_ids.append(str(response.json()["job_id"]))
     views = asyncio.run(all_succeed(gateway, job_ids, timeout_s=90))
     on_topic = len(asyncio.run(read_topic(stack.bootstrap, TOPICS.captions.name)))  # PLAINTEXT
     tail = subprocess.run(
         [sys.executable, "-m", "captionstream", "tail", "--from-beginning", "--max", str(on_topic)],
-        env=stack.env(**gateway_env),
+        env=stack.env(**reader_env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -136,6 +197,7 @@ def run_pipeline(stack: Stack, gateway_env: dict[str, str], worker_env: dict[str
     tailed = {
         event["job_id"]: event["caption"] for event in map(json.loads, tail.stdout.splitlines())
     }
+    assert worker.log().count("captioned") >= len(job_ids), "the worker captioned them"
     for job_id in job_ids:
         result = views[job_id]["result"]
         assert isinstance(result, dict)
@@ -143,18 +205,46 @@ def run_pipeline(stack: Stack, gateway_env: dict[str, str], worker_env: dict[str
     assert worker.alive()
 
 
-def test_pipeline_over_sasl_ssl_with_scram(
-    secured_kafka: SecuredKafka, secured_stack: Stack
+def test_pipeline_over_sasl_ssl_with_scram_and_least_privilege(
+    secured_kafka: SecuredKafka, secured_stack: Stack, least_privilege: None
 ) -> None:
-    """Gateway and worker authenticate as their own SCRAM users over TLS."""
+    """Gateway, worker and a downstream reader authenticate as their own SCRAM users over
+    TLS, each holding only the ACLs `captionstream topics` lists for it (the broker's
+    StandardAuthorizer on)."""
+    kafka = secured_kafka
     run_pipeline(
-        secured_stack, secured_kafka.scram_env("gateway"), secured_kafka.scram_env("worker")
+        secured_stack,
+        kafka.scram_env("gateway"),
+        kafka.scram_env("worker"),
+        kafka.scram_env("reader"),
+        salt=1,
     )
 
 
 def test_pipeline_over_mutual_tls(secured_kafka: SecuredKafka, secured_stack: Stack) -> None:
     """Gateway and worker prove who they are with a client certificate."""
-    run_pipeline(secured_stack, secured_kafka.mtls_env(), secured_kafka.mtls_env())
+    env = secured_kafka.mtls_env()
+    run_pipeline(secured_stack, env, env, env, salt=2)
+
+
+async def test_a_missing_acl_is_named_in_the_answer(
+    secured_kafka: SecuredKafka, secured_stack: Stack, least_privilege: None
+) -> None:
+    """A gateway principal holding all its ACLs but WRITE on the images topic: a submit
+    is refused with 503, naming the operation and the topic, and no Retry-After (waiting
+    does not fix an ACL)."""
+    acls = component_acls("captionstream-processor", "captionstream-webhooks", transactional=False)
+    missing = Acl("TOPIC", TOPICS.images.name, "WRITE")
+    assert missing in acls["gateway"]
+    admin = KafkaConnection(secured_kafka.cluster.bootstrap, KafkaProfile.KAFKA)
+    granted = [acl for acl in acls["gateway"] if acl != missing]
+    assert await grant(admin, "User:gateway-no-images", granted) == len(granted)
+
+    gateway = secured_stack.start_gateway(60, None, **secured_kafka.scram_env("gateway-no-images"))
+    response = gateway.upload(make_png(70, 70, color=(3, 3, 3)))
+    assert response.status_code == 503, response.text
+    assert f"WRITE on topic {TOPICS.images.name}" in response.json()["detail"]
+    assert "retry-after" not in response.headers
 
 
 def exits_with(component: Component, timeout_s: float) -> tuple[int, float, str]:

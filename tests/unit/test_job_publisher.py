@@ -7,8 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
+from captionstream.errors import KafkaAccessDenied
 from gateway.publisher import KafkaJobPublisher
 from schemas.events import ImageSubmitted, JobState, JobStatus, decode_job_state
 from schemas.topics import TOPICS
@@ -17,13 +18,18 @@ from schemas.topics import TOPICS
 class RecordingProducer:
     """The one producer method the publisher uses; fails for the topics in `failing`."""
 
-    def __init__(self, failing: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self,
+        failing: set[str] = frozenset(),  # type: ignore[assignment]
+        error: type[Exception] = KafkaTimeoutError,
+    ) -> None:
         self.failing = failing
+        self.error = error
         self.sent: list[tuple[str, bytes, bytes | None]] = []
 
     async def send_and_wait(self, topic: str, value: bytes | None, key: bytes) -> None:
         if topic in self.failing:
-            raise KafkaTimeoutError()
+            raise self.error()
         self.sent.append((topic, key, value))
 
 
@@ -69,3 +75,18 @@ async def test_a_failed_pending_state_refuses_the_job_before_any_image_event() -
     with pytest.raises(KafkaTimeoutError):
         await KafkaJobPublisher(producer).publish_submission(state, event)  # type: ignore[arg-type]
     assert producer.sent == []
+
+
+async def test_a_topic_the_acls_deny_is_named_and_not_retried() -> None:
+    producer = RecordingProducer(failing={TOPICS.images.name}, error=TopicAuthorizationFailedError)
+    state, event = submission()
+    with pytest.raises(KafkaAccessDenied, match=f"WRITE on topic {TOPICS.images.name}") as info:
+        await KafkaJobPublisher(producer).publish_submission(state, event)  # type: ignore[arg-type]
+    assert not info.value.retriable
+    assert info.value.retry_after_s is None
+    assert info.value.http_status == 503
+    # The PENDING state written first is deleted again, as for any refused job.
+    assert [(topic, value is None) for topic, _, value in producer.sent] == [
+        (TOPICS.job_state.name, False),
+        (TOPICS.job_state.name, True),
+    ]

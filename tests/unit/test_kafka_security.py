@@ -13,8 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from captionstream.broker import free_port
+from captionstream.cli import grant_for
 from captionstream.errors import BrokerError, ConfigurationError
 from captionstream.kafka import KafkaConnection, ensure_topics
+from captionstream.kafka.acls import component_acls
 from captionstream.kafka.diagnose import diagnose
 from captionstream.settings import CommonSettings, KafkaProfile
 from tests.tls import TestCA
@@ -183,3 +185,15 @@ async def test_nothing_listening_is_named_as_such() -> None:
     assert "connection refused: nothing listens there" in await diagnose(kafka)
     with pytest.raises(BrokerError, match="connection refused: nothing listens there"):
         await ensure_topics(kafka, [], timeout_s=3)
+
+
+def test_grants_name_a_component_and_a_principal() -> None:
+    acls = component_acls("captionstream-processor", "captionstream-webhooks", transactional=False)
+    component, principal, wanted = grant_for("processor=User:worker", acls)
+    assert (component, principal, wanted) == ("processor", "User:worker", acls["processor"])
+    component, _, wanted = grant_for("tail=User:reader", acls)
+    assert component.startswith("downstream consumer")
+    assert {acl.name for acl in wanted} == {"captionstream.captions.v1"}
+    for bad in ("processor", "processor=worker", "scheduler=User:x"):
+        with pytest.raises(ConfigurationError, match="expected COMPONENT=PRINCIPAL"):
+            grant_for(bad, acls)

@@ -46,6 +46,11 @@ def test_each_component_gets_only_what_its_clients_do() -> None:
     assert Acl("TOPIC", TOPICS.images.name, "READ") not in gateway
     assert Acl("GROUP", "hooks", "READ") in gateway
     assert not any(a.name == "proc-jobs-changelog" for a in gateway)
+    # The start-up check sees every topic of the plan, even those the gateway never uses
+    # (a topic it may not describe looks missing), and reads each one's cleanup policy.
+    assert Acl("TOPIC", TOPICS.dead_letters.name, "DESCRIBE") in gateway
+    assert Acl("TOPIC", TOPICS.dead_letters.name, "DESCRIBE_CONFIGS") in gateway
+    assert Acl("TOPIC", TOPICS.dead_letters.name, "WRITE") not in gateway
     processor = set(acls["processor"])
     assert Acl("TOPIC", "proc-jobs-changelog", "WRITE") in processor
     assert Acl("GROUP", "proc", "READ") in processor
