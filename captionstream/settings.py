@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     SecretStr,
+    ValidationInfo,
     computed_field,
     field_validator,
     model_validator,
@@ -234,6 +235,28 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _empty_blob_setting_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(
+        "kafka_security_protocol",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_sasl_oauth_token_provider",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_key_password",
+        "kafka_ssl_check_hostname",
+        mode="before",
+    )
+    @classmethod
+    def _empty_security_setting_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        # `CAPTIONSTREAM_KAFKA_SASL_MECHANISM=` (empty: docker-compose.kafka.yml passes every
+        # security setting through, empty when the shell leaves it unset) means "not set":
+        # the field's default, not an unknown mechanism, a file named "" or an empty secret.
+        if isinstance(value, str) and not value.strip() and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     @field_validator("blob_store")
     @classmethod

@@ -1,8 +1,9 @@
 """docker-compose.kafka.yml, checked against the code it deploys (no Docker engine here:
 this is the check). Settings the services set must exist, Kafka must be the version the
 project pins, the topics step must be the project's own `captionstream topics --create`
-with the workers' settings (so it creates exactly the plan the code declares), and
-workers must scale.
+with the workers' settings (so it creates exactly the plan the code declares), workers
+must scale, images must go to the compose file's S3 store (no shared blob volume), every
+Kafka client must get the Kafka security settings, and each GPU worker its own GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 from xml.etree import ElementTree
 
 import pytest
@@ -28,7 +30,15 @@ from captionstream.kafka.topics import (
     leader_topic,
     topic_plan,
 )
-from captionstream.settings import GatewaySettings, KafkaProfile, ProcessorSettings
+from captionstream.settings import (
+    CommonSettings,
+    GatewaySettings,
+    KafkaProfile,
+    KafkaSaslMechanism,
+    KafkaSecurityProtocol,
+    ProcessorSettings,
+)
+from ingest.s3_blobstore import parse_store_url
 from schemas.topics import TOPICS
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.kafka.yml"
@@ -43,6 +53,18 @@ SETTINGS_OF_COMMAND: dict[str, tuple[type[BaseSettings], ...]] = {
 }
 # Commands that run once and exit (the others are long-running services).
 ONE_SHOT_COMMANDS = {"topics"}
+# One service per GPU (`--profile gpu`), each reserving its own device.
+GPU_WORKERS = ("processor-gpu-0", "processor-gpu-1")
+# The S3-compatible blob store and the one-shot step that creates its bucket.
+S3_SERVICE = "minio"
+BUCKET_STEP = "blob-bucket"
+# Every Kafka security setting of CommonSettings (taken from the class, so a new one must
+# be passed through too), as environment variables.
+KAFKA_SECURITY_VARIABLES = sorted(
+    f"CAPTIONSTREAM_{field}".upper()
+    for field in CommonSettings.model_fields
+    if field.startswith(("kafka_security_", "kafka_sasl_", "kafka_ssl_"))
+)
 
 _VARIABLE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))")
 
@@ -84,12 +106,15 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def environment(service: Mapping[str, Any]) -> dict[str, str]:
-    """A service's environment, interpolated (dict or `KEY=value` list form)."""
+def environment(
+    service: Mapping[str, Any], shell: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A service's environment, interpolated (dict or `KEY=value` list form) with `shell`
+    as the variables set in the shell (or `.env`)."""
     raw = service.get("environment") or {}
     if isinstance(raw, list):
         raw = dict(item.split("=", 1) if "=" in item else (item, "") for item in raw)
-    return {key: interpolate(str(value)) for key, value in raw.items()}
+    return {key: interpolate(str(value), shell) for key, value in raw.items()}
 
 
 def command_of(service: Mapping[str, Any]) -> list[str]:
@@ -128,14 +153,30 @@ def env_names(settings: type[BaseSettings]) -> set[str]:
     return {f"{prefix}{field}".upper() for field in settings.model_fields}
 
 
-def settings_of(service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch, index: int = 0) -> Any:
-    """The settings the service's command reads, from the service's environment only."""
+def settings_of(
+    service: Mapping[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    index: int = 0,
+    shell: Mapping[str, str] | None = None,
+) -> Any:
+    """The settings the service's command reads, from the service's environment only
+    (interpolated with `shell`)."""
     for key in list(os.environ):
         if key.startswith("CAPTIONSTREAM_"):
             monkeypatch.delenv(key)
-    for key, value in environment(service).items():
+    for key, value in environment(service, shell).items():
         monkeypatch.setenv(key, value)
     return SETTINGS_OF_COMMAND[command_of(service)[0]][index]()
+
+
+def all_settings_of(
+    service: Mapping[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    shell: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """Every settings class the service's command reads, from its environment."""
+    classes = SETTINGS_OF_COMMAND[command_of(service)[0]]
+    return [settings_of(service, monkeypatch, index, shell) for index in range(len(classes))]
 
 
 def pinned_kafka_version() -> str:
@@ -163,7 +204,7 @@ def test_every_project_service_runs_a_known_command(
     services: dict[str, dict[str, Any]],
 ) -> None:
     found = {name: command_of(s)[:1] for name, s in project_services(services).items()}
-    assert {"gateway", "processor", "processor-gpu", "topics"} <= set(found)
+    assert {"gateway", "processor", *GPU_WORKERS, "topics"} <= set(found)
     for name, command in found.items():
         assert command, f"{name} runs no command"
         assert command[0] in SETTINGS_OF_COMMAND, f"{name} runs {command}"
@@ -189,7 +230,7 @@ def test_only_project_services_set_captionstream_variables(
             assert not [key for key in environment(service) if key.startswith("CAPTIONSTREAM_")]
 
 
-@pytest.mark.parametrize("name", ["gateway", "processor", "processor-gpu", "topics"])
+@pytest.mark.parametrize("name", ["gateway", "processor", *GPU_WORKERS, "topics"])
 def test_each_services_environment_parses_into_its_settings(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
@@ -198,6 +239,124 @@ def test_each_services_environment_parses_into_its_settings(
         assert settings.model_dump()["kafka_bootstrap"] == "kafka:9092"
         assert settings.model_dump()["profile"] is KafkaProfile.KAFKA
         assert str(settings.model_dump()["data_dir"]) == "/data"
+
+
+# --- Kafka security and webhooks ----------------------------------------------------------
+
+
+def test_security_settings_are_the_ones_the_compose_file_passes() -> None:
+    """The list the tests below check every service against, from CommonSettings."""
+    assert {
+        "CAPTIONSTREAM_KAFKA_SECURITY_PROTOCOL",
+        "CAPTIONSTREAM_KAFKA_SASL_MECHANISM",
+        "CAPTIONSTREAM_KAFKA_SASL_USERNAME",
+        "CAPTIONSTREAM_KAFKA_SASL_PASSWORD",
+        "CAPTIONSTREAM_KAFKA_SASL_OAUTH_TOKEN_PROVIDER",
+        "CAPTIONSTREAM_KAFKA_SSL_CAFILE",
+        "CAPTIONSTREAM_KAFKA_SSL_CERTFILE",
+        "CAPTIONSTREAM_KAFKA_SSL_KEYFILE",
+        "CAPTIONSTREAM_KAFKA_SSL_KEY_PASSWORD",
+    } <= set(KAFKA_SECURITY_VARIABLES)
+
+
+def test_every_kafka_client_passes_the_security_settings_through(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Every service that talks to Kafka (all the project's: topics, gateway, workers)
+    takes each security setting from the shell (or `.env`) under its own name."""
+    kafka_clients = project_services(services)
+    assert {"topics", "gateway", "processor", *GPU_WORKERS} <= set(kafka_clients)
+    for name, service in kafka_clients.items():
+        for variable in KAFKA_SECURITY_VARIABLES:
+            assert variable in environment(service), f"{name} does not pass {variable}"
+            shell = {variable: "from-the-shell"}
+            assert environment(service, shell)[variable] == "from-the-shell", (name, variable)
+
+
+def test_unset_security_settings_give_the_defaults(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing set in the shell: the services get empty values (PLAINTEXT for the
+    protocol), which parse as unset, i.e. as with no variable at all."""
+    defaults = CommonSettings.model_construct()
+    for name, service in project_services(services).items():
+        for settings in all_settings_of(service, monkeypatch):
+            for variable in KAFKA_SECURITY_VARIABLES:
+                field = variable.removeprefix("CAPTIONSTREAM_").lower()
+                assert getattr(settings, field) == getattr(defaults, field), (name, field)
+
+
+def test_empty_security_settings_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`CAPTIONSTREAM_KAFKA_SASL_MECHANISM=` is no mechanism (not an invalid one), an
+    empty file setting no file (not "no such file" or "TLS files without TLS")."""
+    for key in list(os.environ):
+        if key.startswith("CAPTIONSTREAM_"):
+            monkeypatch.delenv(key)
+    for variable in KAFKA_SECURITY_VARIABLES:
+        monkeypatch.setenv(variable, "")
+    settings = CommonSettings()
+    assert settings.kafka_security_protocol is KafkaSecurityProtocol.PLAINTEXT
+    assert settings.kafka_ssl_check_hostname is True
+    for field in (
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_sasl_oauth_token_provider",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_key_password",
+    ):
+        assert getattr(settings, field) is None, field
+
+
+def test_security_settings_from_the_shell_reach_every_kafka_client(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    shell = {
+        "CAPTIONSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "CAPTIONSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "CAPTIONSTREAM_KAFKA_SASL_USERNAME": "captionstream",
+        "CAPTIONSTREAM_KAFKA_SASL_PASSWORD": "s3cret",
+        "CAPTIONSTREAM_KAFKA_SSL_CAFILE": str(ca),
+        "CAPTIONSTREAM_KAFKA_SSL_CHECK_HOSTNAME": "false",
+    }
+    for name, service in project_services(services).items():
+        for settings in all_settings_of(service, monkeypatch, shell):
+            assert settings.kafka_security_protocol is KafkaSecurityProtocol.SASL_SSL, name
+            assert settings.kafka_sasl_mechanism is KafkaSaslMechanism.SCRAM_SHA_512, name
+            assert settings.kafka_sasl_username == "captionstream", name
+            assert settings.kafka_sasl_password.get_secret_value() == "s3cret", name
+            assert settings.kafka_ssl_cafile == ca, name
+            assert settings.kafka_ssl_check_hostname is False, name
+            assert settings.kafka_ssl_certfile is None, name
+
+
+def test_gateway_passes_webhook_settings_through_off_by_default(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = services["gateway"]
+    webhook_variables = {key for key in environment(gateway) if "_WEBHOOK_" in key}
+    assert {
+        "CAPTIONSTREAM_WEBHOOK_SECRET",
+        "CAPTIONSTREAM_WEBHOOK_ALLOW_HOSTS",
+        "CAPTIONSTREAM_WEBHOOK_ALLOW_NETWORKS",
+    } <= webhook_variables
+    off = settings_of(gateway, monkeypatch)
+    assert not off.webhooks_enabled
+    assert off.webhook_allow_hosts == []
+    assert off.webhook_allow_networks == []
+    shell = {
+        "CAPTIONSTREAM_WEBHOOK_SECRET": "hmac-key",
+        "CAPTIONSTREAM_WEBHOOK_ALLOW_HOSTS": "hooks.internal, Other.Internal",
+        "CAPTIONSTREAM_WEBHOOK_ALLOW_NETWORKS": "10.1.2.0/24",
+    }
+    on = settings_of(gateway, monkeypatch, shell=shell)
+    assert on.webhooks_enabled
+    assert on.webhook_allow_hosts == ["hooks.internal", "other.internal"]
+    assert [str(network) for network in on.webhook_allow_networks] == ["10.1.2.0/24"]
 
 
 # --- topics -----------------------------------------------------------------------------
@@ -286,7 +445,7 @@ def test_topics_run_once_kafka_is_healthy_and_before_the_services(
 ) -> None:
     assert "healthcheck" in services["kafka"]
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert {"gateway", "processor", "processor-gpu"} <= set(long_running(services))
+    assert {"gateway", "processor", *GPU_WORKERS} <= set(long_running(services))
     for name in long_running(services):
         depends = services[name]["depends_on"]
         assert depends["topics"]["condition"] == "service_completed_successfully", name
@@ -369,22 +528,52 @@ def fixed_host_ports(service: Mapping[str, Any]) -> list[object]:
 
 
 def test_workers_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
-    assert {"processor", "processor-gpu"} <= set(workers(services))
+    assert {"processor", *GPU_WORKERS} <= set(workers(services))
     for name, service in workers(services).items():
         assert "container_name" not in service, name
         assert "hostname" not in service, name
         assert fixed_host_ports(service) == [], name
 
 
+def gpu_reservations(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The service's reserved NVIDIA GPU devices."""
+    reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [
+        device
+        for device in reservations.get("devices", [])
+        if device.get("driver") == "nvidia" or "gpu" in device.get("capabilities", [])
+    ]
+
+
 def test_gpu_workers_are_a_profile_with_an_nvidia_device(
     services: dict[str, dict[str, Any]],
 ) -> None:
     assert "profiles" not in services["processor"]  # CPU workers start by default
-    gpu = services["processor-gpu"]
-    assert gpu["profiles"] == ["gpu"]
-    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert environment(gpu)["CAPTIONSTREAM_DEVICE"] == "cuda"
+    for name in GPU_WORKERS:
+        gpu = services[name]
+        assert gpu["profiles"] == ["gpu"], name
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+        assert environment(gpu)["CAPTIONSTREAM_DEVICE"] == "cuda", name
+
+
+def test_each_gpu_worker_reserves_its_own_gpu(services: dict[str, dict[str, Any]]) -> None:
+    """`count: 1` on one scaled service gives every replica the same device (the first
+    GPU): each GPU worker is its own service naming exactly one device id, none shared."""
+    reserving = {name for name, service in services.items() if gpu_reservations(service)}
+    assert reserving == set(GPU_WORKERS)
+    owner: dict[str, str] = {}
+    for name in GPU_WORKERS:
+        (device,) = gpu_reservations(services[name])
+        assert device["driver"] == "nvidia", name
+        assert "gpu" in device["capabilities"], name
+        assert "count" not in device, name  # count and device_ids exclude each other
+        ids = [str(i) for i in device["device_ids"]]
+        assert len(ids) == 1, f"{name} reserves {ids}"
+        (device_id,) = ids
+        assert device_id not in owner, f"{name} and {owner.get(device_id)} share GPU {device_id}"
+        owner[device_id] = name
+    assert sorted(owner) == [str(i) for i in range(len(GPU_WORKERS))]
 
 
 def test_workers_serve_metrics_that_prometheus_scrapes(
@@ -411,16 +600,109 @@ def mounts(service: Mapping[str, Any]) -> dict[str, str]:
     return found
 
 
-def test_model_cache_and_blobs_are_named_volumes(
+def test_model_cache_and_object_store_are_named_volumes(
     compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
     declared = set(compose["volumes"])
     for name, service in workers(services).items():
         assert mounts(service)[environment(service)["HF_HOME"]] in declared, name
-    for name, service in long_running(services).items():
+    assert mounts(services[S3_SERVICE])["/data"] in declared
+    assert "/data" in command_of(services[S3_SERVICE])  # `minio server /data`
+
+
+# --- blob store ------------------------------------------------------------------------------
+
+
+def test_no_service_mounts_a_shared_blob_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """Images go to the S3 store, so workers may run on any host: the gateway and the
+    workers share no volume (the workers share only the model cache, a cache)."""
+    assert "blobs" not in (compose.get("volumes") or {})
+    for name, service in project_services(services).items():
         blobs = f"{environment(service)['CAPTIONSTREAM_DATA_DIR']}/blobs"
-        assert mounts(service)[blobs] == "blobs", name  # one blob store for gateway and workers
-    assert "blobs" in declared
+        for target, source in mounts(service).items():
+            assert not target.startswith(blobs), f"{name} mounts {source} at {target}"
+            assert source != "blobs", name
+    gateway = set(mounts(services["gateway"]).values())
+    for name, service in workers(services).items():
+        shared = gateway & set(mounts(service).values())
+        assert not shared, f"gateway and {name} share {shared}"
+
+
+def s3_endpoint_service(services: Mapping[str, dict[str, Any]], url: str) -> str:
+    """The compose service an `http://service:port` endpoint names (port checked)."""
+    endpoint = urlparse(url)
+    assert endpoint.scheme == "http", url
+    assert endpoint.hostname in services, url
+    command = command_of(services[endpoint.hostname])
+    assert command[:1] == ["server"], command  # `minio server ...`: S3 API on port 9000
+    assert endpoint.port == 9000, url
+    return endpoint.hostname
+
+
+def test_gateway_and_workers_use_the_compose_s3_store(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One s3:// store for the gateway and every worker, on the compose S3 service, which
+    they start after (healthy, and its bucket created), with its credentials."""
+    stores = set()
+    for name, service in long_running(services).items():
+        settings = settings_of(service, monkeypatch)
+        assert settings.blob_store is not None, name
+        assert urlparse(settings.blob_store).scheme == "s3", name
+        stores.add(settings.blob_store)
+        assert settings.s3_endpoint_url is not None, name
+        assert s3_endpoint_service(services, settings.s3_endpoint_url) == S3_SERVICE, name
+        assert settings.s3_region, name
+        depends = service["depends_on"]
+        assert depends[S3_SERVICE]["condition"] == "service_healthy", name
+        assert depends[BUCKET_STEP]["condition"] == "service_completed_successfully", name
+        for shell in ({}, {"MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p" * 12}):
+            env, store = environment(service, shell), environment(services[S3_SERVICE], shell)
+            assert env["AWS_ACCESS_KEY_ID"] == store["MINIO_ROOT_USER"], name
+            assert env["AWS_SECRET_ACCESS_KEY"] == store["MINIO_ROOT_PASSWORD"], name
+    assert len(stores) == 1, stores
+    assert "healthcheck" in services[S3_SERVICE]
+
+
+def step_commands(service: Mapping[str, Any]) -> list[list[str]]:
+    """The commands of a `sh -c '... && ...'` step, split into words."""
+    entrypoint = service.get("entrypoint")
+    assert entrypoint == ["/bin/sh", "-c"], entrypoint
+    (script,) = command_of(service)
+    return [shlex.split(part) for part in interpolate(script).split("&&")]
+
+
+def test_bucket_step_creates_the_blob_stores_bucket(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The services check the bucket at start-up and never create it: the step does, on
+    the services' endpoint, once the store is healthy, and exits 0 if it exists."""
+    step = services[BUCKET_STEP]
+    assert step.get("restart") == "no"
+    assert step["depends_on"][S3_SERVICE]["condition"] == "service_healthy"
+    settings = settings_of(services["gateway"], monkeypatch)
+    bucket, _prefix = parse_store_url(settings.blob_store)
+    alias, creates = step_commands(step)
+    assert alias[:3] == ["mc", "alias", "set"]
+    name, url, user, password = alias[3:]
+    assert url == settings.s3_endpoint_url
+    assert (user, password) == ("$MINIO_ROOT_USER", "$MINIO_ROOT_PASSWORD")  # from its env
+    env, store = environment(step), environment(services[S3_SERVICE])
+    assert env["MINIO_ROOT_USER"] == store["MINIO_ROOT_USER"]
+    assert env["MINIO_ROOT_PASSWORD"] == store["MINIO_ROOT_PASSWORD"]
+    assert creates == ["mc", "mb", "--ignore-existing", f"{name}/{bucket}"]
+
+
+def test_s3_images_are_pinned_and_ports_stay_on_the_host(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in (S3_SERVICE, BUCKET_STEP):
+        image = str(services[name]["image"])
+        assert re.fullmatch(r"quay\.io/minio/(minio|mc):RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", image)
+    for port in services[S3_SERVICE]["ports"]:
+        assert interpolate(str(port)).startswith("127.0.0.1:"), port
 
 
 # --- the image -------------------------------------------------------------------------------
