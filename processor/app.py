@@ -284,7 +284,7 @@ def create_app(
     control = raw_topic(TOPICS.control.name)
     caption = functools.partial(
         caption_batch,
-        read_blob=blobs.get_sync,
+        read_blob=metrics.timed_reads(blobs.get_sync),
         captioner=captioner,
         max_pixels=settings.max_pixels,
     )

@@ -6,7 +6,7 @@ unset, so several workers on one host need no port planning unless scraped).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +23,7 @@ from schemas.events import JobState
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INFERENCE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BLOB_READ_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class ProcessorMetrics:
@@ -39,6 +40,13 @@ class ProcessorMetrics:
             "captionstream_processor_inference_seconds",
             "Wall time to decode and caption one micro-batch.",
             buckets=INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.blob_read_seconds = Histogram(
+            "captionstream_processor_blob_read_seconds",
+            "Time to read one image from the blob store (a local file, or an object-store "
+            "GET: its latency is part of every batch).",
+            buckets=BLOB_READ_BUCKETS,
             registry=self.registry,
         )
         self.jobs = Counter(
@@ -64,6 +72,15 @@ class ProcessorMetrics:
             ["partition"],
             registry=self.registry,
         )
+
+    def timed_reads(self, read: Callable[[str], bytes]) -> Callable[[str], bytes]:
+        """`read`, observed in blob_read_seconds (it runs on the inference thread)."""
+
+        def read_observed(ref: str) -> bytes:
+            with self.blob_read_seconds.time():
+                return read(ref)
+
+        return read_observed
 
     def observe_finals(self, finals: Sequence[JobState]) -> None:
         for state in finals:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from captionstream.apache_kafka import ApacheKafkaCluster
 from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
@@ -229,9 +230,12 @@ def wait_for_one_generation(*workers: Component, timeout_s: float = 60) -> None:
     )
 
 
-async def sigkill_mid_batch(stack: Stack, worker: Component, after_results: int = 8) -> None:
+async def sigkill_mid_batch(
+    stack: Stack, worker: Component, after_results: int = 8, data_dir: Path | None = None
+) -> None:
     """SIGKILL `worker` in the middle of a batch, once `after_results` of its captions are
-    out (the captioners of tests.integration.flaky mark a batch in flight with a file)."""
+    out (the captioners of tests.integration.flaky mark a batch in flight with a file in
+    the worker's data directory: `data_dir`, when not the stack's)."""
     await asyncio.to_thread(
         wait_until,
         lambda: worker.log().count("captioned") >= after_results,
@@ -239,7 +243,7 @@ async def sigkill_mid_batch(stack: Stack, worker: Component, after_results: int 
         "the first results",
         0.1,
     )
-    inflight = stack.data_dir / f"inflight-{worker.proc.pid}"
+    inflight = (data_dir or stack.data_dir) / f"inflight-{worker.proc.pid}"
     await asyncio.to_thread(wait_until, inflight.exists, 30, "the worker mid-batch", 0.02)
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()
@@ -474,3 +478,13 @@ def own_stack(
             yield stack
         finally:
             stack.stop_all()
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a component's /metrics: {(name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_png
-from tests.integration.stack import Component, Stack, wait_until
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.integration.stack import Component, Stack, metric_samples, wait_until
 
 
 def test_worker_health_readiness_and_metrics(stack: Stack, worker: Component) -> None:
@@ -25,11 +15,11 @@ def test_worker_health_readiness_and_metrics(stack: Stack, worker: Component) ->
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["model"] == "tiny-blip"
 
-    before = samples(worker.url)
+    before = metric_samples(worker.url)
     gateway = stack.start_gateway()
     job_id = gateway.upload(make_png(color=(9, 9, 99))).json()["job_id"]
     assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
-    after = samples(worker.url)
+    after = metric_samples(worker.url)
 
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -43,7 +33,7 @@ def test_worker_health_readiness_and_metrics(stack: Stack, worker: Component) ->
     def lag() -> list[float]:
         return [
             v
-            for (name, _), v in samples(worker.url or "").items()
+            for (name, _), v in metric_samples(worker.url or "").items()
             if name == "captionstream_processor_consumer_lag"
         ]
 

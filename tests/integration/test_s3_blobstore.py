@@ -8,14 +8,22 @@ wrong credentials are refused as AWS would refuse them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
+import json
 import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 import pytest
 
 from captionstream.broker import free_port
@@ -23,13 +31,16 @@ from captionstream.errors import BlobNotFound, BlobStoreUnavailable, Configurati
 from ingest.s3_blobstore import LAST_USED, S3BlobStore
 from schemas.events import decode_job_state
 from schemas.topics import TOPICS
+from tests.conftest import make_png
 from tests.integration.stack import (
     S3Server,
     Stack,
     all_succeed,
+    metric_samples,
     own_stack,
     read_topic,
     s3_server,
+    sigkill_mid_batch,
     submit_images,
     wait_for_one_generation,
 )
@@ -253,40 +264,123 @@ async def test_pipeline_across_hosts_shares_only_kafka_and_the_bucket(
     tmp_path_factory: pytest.TempPathFactory,
     raw: Any,
 ) -> None:
-    """A gateway and two workers, each with a data directory of its own (as on three
-    hosts), images in s3://: every job ends SUCCESS, both workers captioned some, and no
-    image was stored on any host's disk."""
+    """A gateway, two workers and a bulk ingest run, each with a data directory of its
+    own (as on four hosts), images in s3://. Jobs come by upload, by URL and by bulk
+    ingest; one worker is SIGKILLed in the middle of a batch. Every job ends SUCCESS, the
+    survivor read the dead worker's images from the bucket, and no image was stored on
+    any host's disk. Prints the measured S3 read cost per batch."""
     root = tmp_path_factory.mktemp("hosts")
-    hosts = {name: root / name for name in ("gateway-host", "worker-host-a", "worker-host-b")}
+    hosts = {
+        name: root / name
+        for name in ("gateway-host", "worker-host-a", "worker-host-b", "ingest-host")
+    }
     prefix = "pipeline"
-    with own_stack(
-        root,
-        CAPTIONSTREAM_BLOB_STORE=f"s3://{BUCKET}/{prefix}",
-        CAPTIONSTREAM_S3_ENDPOINT_URL=s3[0].endpoint,
-        CAPTIONSTREAM_S3_REGION="us-east-1",
-        CAPTIONSTREAM_TORCH_THREADS="1",
-        **aws_env,
-    ) as stack:
-        workers = [
+    www = root / "www"
+    www.mkdir()
+    for i in range(2):
+        (www / f"remote-{i}.png").write_bytes(make_png(40 + i, 30, color=(7, i, 77)))
+    bulk, out = root / "bulk", root / "captions.jsonl"
+    bulk.mkdir()
+    for i in range(4):
+        (bulk / f"b{i}.png").write_bytes(make_png(30 + i, 40, color=(8, i, 88)))
+    with (
+        serving(www) as base,
+        own_stack(
+            root,
+            CAPTIONSTREAM_BLOB_STORE=f"s3://{BUCKET}/{prefix}",
+            CAPTIONSTREAM_S3_ENDPOINT_URL=s3[0].endpoint,
+            CAPTIONSTREAM_S3_REGION="us-east-1",
+            # A captioner that takes its time, so the kill lands in a batch.
+            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.05",
+            CAPTIONSTREAM_MAX_BATCH_SIZE="8",
+            **aws_env,
+        ) as stack,
+    ):
+        doomed, survivor = (
             stack.start_worker(CAPTIONSTREAM_DATA_DIR=str(hosts["worker-host-a"])),
             stack.start_worker(CAPTIONSTREAM_DATA_DIR=str(hosts["worker-host-b"])),
-        ]
-        wait_for_one_generation(*workers, timeout_s=60)
-        gateway = stack.start_gateway(CAPTIONSTREAM_DATA_DIR=str(hosts["gateway-host"]))
-        job_ids = await submit_images(gateway, 16)
+        )
+        wait_for_one_generation(doomed, survivor, timeout_s=60)
+        gateway = stack.start_gateway(
+            CAPTIONSTREAM_DATA_DIR=str(hosts["gateway-host"]),
+            CAPTIONSTREAM_FETCH_ALLOW_HOSTS="127.0.0.1",
+        )
+        by_url = []
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            for i in range(2):
+                response = await client.post(
+                    "/api/v1/jobs", json={"image_url": f"{base}/remote-{i}.png"}
+                )
+                assert response.status_code == 202, response.text
+                by_url.append(str(response.json()["job_id"]))
+        submitting = asyncio.create_task(submit_images(gateway, 40))
+        await sigkill_mid_batch(stack, doomed, data_dir=hosts["worker-host-a"])
+        job_ids = [*await submitting, *by_url]
+        ingest = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "captionstream",
+                "ingest",
+                str(bulk),
+                "--out",
+                str(out),
+            ],
+            env=stack.env(CAPTIONSTREAM_DATA_DIR=str(hosts["ingest-host"])),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ingest.returncode == 0, ingest.stderr[-3000:]
+        assert out.exists(), ingest.stderr[-3000:]
+        ingested = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["status"] for line in ingested] == ["SUCCESS"] * 4
         await all_succeed(gateway, job_ids, timeout_s=120)
-        for worker in workers:
-            assert "captioned" in worker.log(), "each worker read images from the bucket"
+        assert survivor.alive()
+        assert survivor.url is not None
+        found = metric_samples(survivor.url)
+        reads = found[("captionstream_processor_blob_read_seconds_count", ())]
+        read_s = found[("captionstream_processor_blob_read_seconds_sum", ())]
+        batches = found[("captionstream_processor_batch_size_count", ())]
+        images = found[("captionstream_processor_batch_size_sum", ())]
         states = [
             decode_job_state(value)
             for _, value in await read_topic(stack.bootstrap, TOPICS.job_state.name)
         ]
-    refs = {state.image_ref for state in states if state.job_id in job_ids}
-    assert len(refs) == 16
+    assert reads >= images > 0, "every image the survivor captioned, it read from the bucket"
+    per_image_ms = 1000 * read_s / reads
+    print(
+        f"S3 reads in a worker (moto on this host): {reads:.0f} GETs, {per_image_ms:.1f} ms "
+        f"each on average; {images / batches:.1f} images a batch, so "
+        f"{per_image_ms * images / batches:.0f} ms of S3 reads per batch"
+    )
+    all_ids = {*job_ids, *(line["job_id"] for line in ingested)}
+    refs = {state.image_ref for state in states if state.job_id in all_ids}
+    assert len(refs) == len(all_ids) == 46
     assert all(str(ref).startswith(f"s3://{BUCKET}/{prefix}/") for ref in refs)
-    assert len(keys(raw, prefix=prefix)) == 16
+    assert len(keys(raw, prefix=prefix)) == 46
     for host in hosts.values():
         assert not [p for p in (host / "blobs").rglob("*") if p.is_file()]
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving `root`: a host the images come from by URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_gateway_and_worker_refuse_to_start_on_a_missing_bucket(
