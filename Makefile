@@ -60,7 +60,9 @@ test-unit: install
 	$(BIN)/pytest -q -m "not integration"
 
 # Long fault and load runs (tests marked `soak`; `make test` leaves them out): repeated
-# broker and gateway kills under a steady load. About 5 minutes on 2 cores.
+# broker and gateway kills under a steady load, a rolling restart of a 3-node Apache
+# Kafka, 1750 jobs from 100 clients with memory watched, worker restarts on durable
+# embedded storage. About 10 minutes on 2 cores.
 soak: install
 	$(BIN)/pytest -q -m soak -s
 

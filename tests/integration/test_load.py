@@ -3,7 +3,7 @@
 Prints throughput, end-to-end latency percentiles and process memory; the assertions
 are about correctness (every job SUCCESS, one caption each) and about memory not
 growing per job (a leak detector), never about speed. Sizes: CAPTIONSTREAM_LOAD_JOBS
-(default 600) and CAPTIONSTREAM_LOAD_CLIENTS (default 100).
+(default 1000) and CAPTIONSTREAM_LOAD_CLIENTS (default 100).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from schemas.topics import TOPICS
 from tests.conftest import make_png
 from tests.integration.stack import Component, Gateway, Stack, own_stack, read_topic
 
-JOBS = int(os.environ.get("CAPTIONSTREAM_LOAD_JOBS", "600"))
+JOBS = int(os.environ.get("CAPTIONSTREAM_LOAD_JOBS", "1000"))
 CLIENTS = int(os.environ.get("CAPTIONSTREAM_LOAD_CLIENTS", "100"))
 
 
@@ -96,6 +96,7 @@ async def one_round(stack: Stack, gateway: Gateway, jobs: int, salt: int) -> dic
     return latencies
 
 
+@pytest.mark.soak  # `make soak`: 70-100 s, more than `make test` can spend on one run
 @pytest.mark.timeout(900)
 async def test_load_nothing_lost_and_memory_flat(load_stack: Stack) -> None:
     worker = load_stack.start_worker()

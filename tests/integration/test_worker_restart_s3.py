@@ -80,6 +80,9 @@ async def redeliver_images(stack: Stack) -> int:
     return len(records)
 
 
+# A soak (`make soak`): three worker starts on the embedded broker's durable storage take
+# 80-100 s; tests/unit/test_fetch_highwaters.py keeps the workaround itself in `make test`.
+@pytest.mark.soak
 async def test_worker_restarts_recover_tables_on_s3_storage(durable_stack: Stack) -> None:
     stack = durable_stack
     worker = stack.start_worker()
