@@ -43,6 +43,7 @@ from tests.integration.stack import (
     sigkill_mid_batch,
     submit_images,
     wait_for_one_generation,
+    wait_until,
 )
 
 BUCKET = "blobs"
@@ -363,6 +364,34 @@ async def test_pipeline_across_hosts_shares_only_kafka_and_the_bucket(
     assert len(keys(raw, prefix=prefix)) == 46
     for host in hosts.values():
         assert not [p for p in (host / "blobs").rglob("*") if p.is_file()]
+
+
+def test_an_expired_jobs_image_leaves_the_bucket(
+    s3: tuple[S3Server, dict[str, str]],
+    aws_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    raw: Any,
+) -> None:
+    """The janitor's TTL deletion on the S3 store, through the pipeline: once a finished
+    job expires, its state is gone and so is its object (found by last use in the
+    object's metadata, not by a file's mtime)."""
+    prefix = "expiry"
+    with own_stack(
+        tmp_path_factory.mktemp("ttl-s3"),
+        CAPTIONSTREAM_BLOB_STORE=f"s3://{BUCKET}/{prefix}",
+        CAPTIONSTREAM_S3_ENDPOINT_URL=s3[0].endpoint,
+        CAPTIONSTREAM_S3_REGION="us-east-1",
+        CAPTIONSTREAM_JOB_TTL_S="3",
+        CAPTIONSTREAM_JANITOR_INTERVAL_S="0.5",
+        **aws_env,
+    ) as stack:
+        stack.start_worker()
+        gateway = stack.start_gateway()
+        job_id = gateway.upload(make_png(23, 17, color=(5, 50, 150))).json()["job_id"]
+        assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
+        assert len(keys(raw, prefix=prefix)) == 1
+        wait_until(lambda: gateway.status(job_id).status_code == 404, 30, "the job to expire")
+        wait_until(lambda: not keys(raw, prefix=prefix), 15, "its object to be deleted")
 
 
 class Quiet(SimpleHTTPRequestHandler):
