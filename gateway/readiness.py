@@ -10,6 +10,7 @@ Two checks, both cheap enough for a load balancer to poll every few seconds:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,3 +53,17 @@ class Readiness:
 
     async def checks(self) -> list[Check]:
         return [await self.broker(), self.job_view()]
+
+
+class NotConnected:
+    """Readiness of a gateway that has not reached Kafka yet: both checks fail, the broker
+    check with the cause (`problem()`: the latest diagnosis)."""
+
+    def __init__(self, problem: Callable[[], str | None]) -> None:
+        self.problem = problem
+
+    async def checks(self) -> list[Check]:
+        return [
+            Check("broker", False, self.problem() or "connecting"),
+            Check("job_view", False, "not started: no connection to Kafka yet"),
+        ]

@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -20,7 +21,7 @@ from captionstream.kafka import (
 from captionstream.settings import KafkaProfile
 from schemas.topics import TOPICS
 from tests.conftest import make_png
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, wait_until
 
 
 async def test_submit_answers_503_when_the_broker_is_down(stack: Stack, tmp_path: Path) -> None:
@@ -42,6 +43,32 @@ async def test_submit_answers_503_when_the_broker_is_down(stack: Stack, tmp_path
         assert gateway.healthy(), "liveness does not depend on Kafka"
     finally:
         broker.stop()
+
+
+def test_a_gateway_started_before_its_kafka_becomes_ready_when_kafka_comes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Kafka not there yet (it starts after the gateway, or is down): the gateway serves
+    unready, with the cause, instead of exiting, and becomes ready once Kafka answers."""
+    port = free_port()
+    gateway = stack.start_gateway(CAPTIONSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
+    ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert "nothing listens there" in ready.json()["detail"]
+    early = gateway.upload(make_png(color=(4, 5, 6)))
+    assert early.status_code == 503
+    assert "not connected to Kafka" in early.json()["detail"]
+    assert gateway.status("0" * 32).status_code == 503, "not 404: the view is not built yet"
+
+    with EmbeddedBroker(port=port, log_file=tmp_path / "late.log"):
+        started = time.monotonic()
+        wait_until(
+            lambda: httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200,
+            60,
+            "the gateway to connect",
+        )
+        print(f"ready {time.monotonic() - started:.1f} s after Kafka started")
+        assert gateway.upload(make_png(color=(4, 5, 7))).status_code == 202
 
 
 async def test_a_reader_stops_cleanly_when_the_broker_has_just_left(tmp_path: Path) -> None:
