@@ -121,20 +121,9 @@ def run_worker(settings: ProcessorSettings) -> None:
     # Before torch and the inference thread allocate: the arena limit only applies to
     # arenas created after it.
     tune_malloc(settings.malloc_tuning, keep_bytes=settings.malloc_keep_bytes)
-    # Before the model loads (tens of seconds): a blob store it cannot read, or a Kafka it
-    # cannot reach or is refused by (credentials, TLS), fails at once, naming the cause.
+    # Before the model loads (tens of seconds): a blob store it cannot read fails at once.
     blobs = open_blob_store(settings)
     blobs.check()
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    kafka = KafkaConnection.from_settings(settings, "processor")
-    loop.run_until_complete(
-        ensure_topics(
-            kafka,
-            topic_plan(settings.partitions, settings.group_id),
-            replication_factor=settings.replication_factor,
-        )
-    )
     # Every torch call from here on runs on the one inference thread (processor.inference).
     inference = InferenceThread()
     inference.call(configure_torch_threads, settings.torch_threads)
@@ -145,6 +134,16 @@ def run_worker(settings: ProcessorSettings) -> None:
     if settings.torch_threads is None:
         cores = len(os.sched_getaffinity(0))
         inference.call(settle_threads, captioner, cores, set_torch_threads)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    kafka = KafkaConnection.from_settings(settings, "processor")
+    loop.run_until_complete(
+        ensure_topics(
+            kafka,
+            topic_plan(settings.partitions, settings.group_id),
+            replication_factor=settings.replication_factor,
+        )
+    )
     datadir, _lock = claim_worker_dir(settings.data_dir / "processor")
     processor = create_app(settings, captioner, blobs, datadir, inference, kafka)
     # Before Faust opens the tables: state its changelog no longer backs (a restarted
