@@ -225,18 +225,11 @@ class CommonSettings(BaseSettings):
         "AWS_DEFAULT_REGION or the profile's.",
     )
 
-    @field_validator("kafka_bootstrap", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        # `CAPTIONSTREAM_KAFKA_BOOTSTRAP=` (empty) means "not set", consistently everywhere.
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("blob_store", "s3_endpoint_url", "s3_region", mode="before")
-    @classmethod
-    def _empty_blob_setting_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
     @field_validator(
+        "kafka_bootstrap",
+        "blob_store",
+        "s3_endpoint_url",
+        "s3_region",
         "kafka_security_protocol",
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
@@ -250,10 +243,11 @@ class CommonSettings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _empty_security_setting_is_unset(cls, value: object, info: ValidationInfo) -> object:
-        # `CAPTIONSTREAM_KAFKA_SASL_MECHANISM=` (empty: docker-compose.kafka.yml passes every
-        # security setting through, empty when the shell leaves it unset) means "not set":
-        # the field's default, not an unknown mechanism, a file named "" or an empty secret.
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        # `CAPTIONSTREAM_KAFKA_BOOTSTRAP=` (empty) means "not set", consistently everywhere:
+        # the field's default, not an unknown mechanism, a file named "" or an empty
+        # secret (docker-compose.kafka.yml passes every such setting through, empty when
+        # the shell leaves it unset).
         if isinstance(value, str) and not value.strip() and info.field_name is not None:
             return cls.model_fields[info.field_name].default
         return value

@@ -3,16 +3,13 @@ readiness, metrics, jobs by URL, and upload limits enforced while streaming."""
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import select
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -26,7 +23,14 @@ from captionstream.broker import EmbeddedBroker, free_port
 from schemas.events import GenerationOptions, JobState, decode_image_submitted, utcnow
 from schemas.topics import TOPICS
 from tests.conftest import make_noise_png, make_png
-from tests.integration.stack import Component, Gateway, Stack, read_topic, wait_until
+from tests.integration.stack import (
+    Component,
+    Gateway,
+    Stack,
+    read_topic,
+    serving,
+    wait_until,
+)
 
 SMALL_LIMIT = 100_000  # CAPTIONSTREAM_MAX_UPLOAD_BYTES of the `limited` gateway
 
@@ -195,11 +199,6 @@ def test_one_status_request_with_wait_gets_the_caption(gateway: Gateway, worker:
 # --- jobs by URL ----------------------------------------------------------------------
 
 
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An HTTP server on 127.0.0.1 serving a directory of files; yields its base URL."""
@@ -208,14 +207,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (root / "page.html").write_bytes(b"<html>not an image</html>")
     (root / "big.png").write_bytes(make_noise_png(256, 256))  # > SMALL_LIMIT
     assert (root / "big.png").stat().st_size > SMALL_LIMIT
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(root) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

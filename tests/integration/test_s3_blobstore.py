@@ -8,17 +8,13 @@ wrong credentials are refused as AWS would refuse them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +36,7 @@ from tests.integration.stack import (
     own_stack,
     read_topic,
     s3_server,
+    serving,
     sigkill_mid_batch,
     submit_images,
     wait_for_one_generation,
@@ -392,24 +389,6 @@ def test_an_expired_jobs_image_leaves_the_bucket(
         assert len(keys(raw, prefix=prefix)) == 1
         wait_until(lambda: gateway.status(job_id).status_code == 404, 30, "the job to expire")
         wait_until(lambda: not keys(raw, prefix=prefix), 15, "its object to be deleted")
-
-
-class Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serving(root: Path) -> Iterator[str]:
-    """An HTTP server on 127.0.0.1 serving `root`: a host the images come from by URL."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_gateway_and_worker_refuse_to_start_on_a_missing_bucket(
