@@ -9,10 +9,12 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import (
+    AfterValidator,
+    BeforeValidator,
     Field,
     IPvAnyNetwork,
     SecretStr,
@@ -91,8 +93,52 @@ def _default_data_dir() -> Path:
     )
 
 
+# --- value types shared by several settings -------------------------------------------
+
+_Item = TypeVar("_Item")
+
+
+def _split_commas(value: object) -> object:
+    """An environment variable holds a list as `a, b,c`; empty items are dropped."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _host_names(hosts: list[str]) -> list[str]:
+    """Host names as addresses are compared: lower case, IPv6 literals without brackets."""
+    return [host.lower().strip("[]") for host in hosts]
+
+
+def _lower_case(value: object) -> object:
+    """A choice in any case, with spaces around it, as the code reading it always took it."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# `NoDecode`: the raw string reaches the validators (pydantic-settings would parse JSON).
+CommaSeparated = Annotated[list[_Item], NoDecode, BeforeValidator(_split_commas)]
+HostNames = Annotated[CommaSeparated[str], AfterValidator(_host_names)]
+
+# The level names `logging` knows, as it spells them (`logging.config` refuses `info`).
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"]
+# The worker's closed choices, in any case as processor/ has always read them.
+PrecisionChoice = Annotated[Literal["auto", "fp32", "bf16", "fp16"], BeforeValidator(_lower_case)]
+VisionAttentionChoice = Annotated[Literal["auto", "eager", "sdpa"], BeforeValidator(_lower_case)]
+# How long one submit waits for Kafka: declared once, for IngestSettings; BulkIngestSettings
+# overrides only its default.
+KafkaSubmitTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds one submit waits for Kafka (the producer's request timeout) "
+        "before it fails: the gateway then answers 503, bulk ingest stops the run.",
+    ),
+]
+
+
 class CommonSettings(BaseSettings):
-    """What every component needs: where Kafka is and where data lives."""
+    """What every component needs: where Kafka is, where data lives, and the rules all
+    components must agree on (how long jobs live, how large an image may be)."""
 
     model_config = SettingsConfigDict(env_prefix="CAPTIONSTREAM_", extra="ignore")
 
@@ -121,18 +167,19 @@ class CommonSettings(BaseSettings):
     kafka_session_timeout_s: float | None = Field(
         default=None,
         gt=0,
-        description="Consumer groups: a member silent this long loses its partitions "
-        "(a killed worker's jobs move after it). Unset: 10 (kafka), 4 (embedded).",
+        description="Consumer groups: seconds after which a silent member loses its "
+        "partitions (a killed worker's jobs move after it). Unset: 10 (kafka), 4 (embedded).",
     )
     kafka_heartbeat_interval_s: float | None = Field(
         default=None,
         gt=0,
-        description="Consumer groups: how often members heartbeat. Unset: 3 (kafka), 1 (embedded).",
+        description="Consumer groups: seconds between a member's heartbeats. Unset: 3 "
+        "(kafka), 1 (embedded).",
     )
     kafka_rebalance_timeout_s: float | None = Field(
         default=None,
         gt=0,
-        description="Consumer groups: how long members get to rejoin a rebalance. Unset: "
+        description="Consumer groups: seconds members get to rejoin a rebalance. Unset: "
         "the client library's default.",
     )
     kafka_group_instance_id: str | None = Field(
@@ -182,26 +229,50 @@ class CommonSettings(BaseSettings):
         description="Check that a broker's certificate names the host connected to. "
         "Turn off only for brokers reached by an address their certificates lack.",
     )
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Local state: stored images (unless `blob_store` is set), the "
+        "workers' table stores, generated test models (`tiny-blip`), the local Apache "
+        "Kafka's data.",
+    )
     job_ttl_s: float = Field(
         default=24 * 3600,
         gt=0,
-        description="Finished jobs (state and stored image) are deleted this long after "
-        "they finish.",
+        description="Seconds after it finishes that a job (its state and stored image) is "
+        "deleted; its status is a 404 from then on.",
     )
     janitor_interval_s: float = Field(
-        default=60.0, gt=0, description="How often expired jobs are looked for."
+        default=60.0,
+        gt=0,
+        description="Seconds between looks for expired jobs (a job lives up to this much "
+        "longer than job_ttl_s).",
     )
-    log_level: str = "INFO"
+    log_level: LogLevel = Field(
+        default="INFO",
+        description="Least severe log records written: DEBUG, INFO, WARNING, ERROR or "
+        "CRITICAL (also NOTSET, and the aliases WARN and FATAL).",
+    )
     log_format: LogFormat = Field(
         default=LogFormat.TEXT,
         description="`text` for humans, `json` for one JSON object per line (with job_id).",
     )
-    partitions: int = Field(default=4, ge=1, description="Partitions of each topic.")
+    partitions: int = Field(
+        default=4,
+        ge=1,
+        description="Partitions of each topic this creates: the most workers (or webhook "
+        "dispatchers) that can share the work.",
+    )
+    max_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Largest image, in pixels (width x height), a decompression-bomb "
+        "guard: the gateway and bulk ingest refuse larger images, and workers refuse to "
+        "decode them. One setting for all, so what is accepted is also decoded.",
+    )
     replication_factor: int | None = Field(
         default=None,
         ge=1,
-        description="Of the topics this creates. Unset: the brokers' "
+        description="Replicas of each topic this creates. Unset: the brokers' "
         "`default.replication.factor` (the embedded broker: 1).",
     )
 
@@ -340,13 +411,18 @@ class BrokerSettings(CommonSettings):
         "local server (http:// is allowed then); unset: AWS, or AWS_ENDPOINT if set.",
     )
     broker_s3_access_key_id: str | None = Field(
-        default=None, description="Unset: AWS_ACCESS_KEY_ID from the environment."
+        default=None,
+        description="Access key of s3:// broker storage. Unset: AWS_ACCESS_KEY_ID from the "
+        "environment.",
     )
     broker_s3_secret_access_key: SecretStr | None = Field(
-        default=None, description="Unset: AWS_SECRET_ACCESS_KEY from the environment."
+        default=None,
+        description="Secret key of s3:// broker storage. Unset: AWS_SECRET_ACCESS_KEY from "
+        "the environment.",
     )
     broker_s3_region: str | None = Field(
-        default=None, description="Unset: AWS_DEFAULT_REGION, else us-east-1."
+        default=None,
+        description="Region of s3:// broker storage. Unset: AWS_DEFAULT_REGION, else us-east-1.",
     )
 
     @field_validator("broker_storage")
@@ -360,8 +436,12 @@ class BrokerSettings(CommonSettings):
 class IngestSettings(CommonSettings):
     """Limits on accepted images (defaults match the reference service)."""
 
-    max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(default=200_000_000, ge=1)
+    max_upload_bytes: int = Field(
+        default=5 * 1024 * 1024,
+        ge=1,
+        description="Largest image accepted, in bytes, uploaded or fetched by URL (an "
+        "upload's request body may exceed it by 64 KiB of multipart framing).",
+    )
     max_frames: int = Field(
         default=1000,
         ge=1,
@@ -373,51 +453,55 @@ class IngestSettings(CommonSettings):
         description="Answer a submit whose image content and options were captioned "
         "before from that result, without running the model.",
     )
+    kafka_timeout_s: KafkaSubmitTimeout = 10.0
     # Fetching images by URL (`POST /api/v1/jobs`); the byte cap is max_upload_bytes.
-    fetch_connect_timeout_s: float = Field(default=5.0, gt=0)
-    fetch_read_timeout_s: float = Field(default=10.0, gt=0, description="Between bytes.")
-    fetch_timeout_s: float = Field(
-        default=30.0, gt=0, description="Whole fetch, redirects and body included."
+    fetch_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Image URLs: seconds to connect to the image's server."
     )
-    fetch_max_redirects: int = Field(default=3, ge=0)
-    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(
+    fetch_read_timeout_s: float = Field(
+        default=10.0, gt=0, description="Image URLs: seconds the server may pause between bytes."
+    )
+    fetch_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Image URLs: seconds for the whole fetch, redirects and body included.",
+    )
+    fetch_max_redirects: int = Field(
+        default=3, ge=0, description="Image URLs: redirects followed (each one checked again)."
+    )
+    fetch_allow_hosts: HostNames = Field(
         default_factory=list,
         description="Comma-separated host names (or IP literals) fetched even when they "
         "resolve to non-public addresses, e.g. `127.0.0.1` in tests or an internal "
         "image host. Cloud metadata addresses stay refused.",
     )
-    fetch_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+    fetch_allow_networks: CommaSeparated[IPvAnyNetwork] = Field(
         default_factory=list,
         description="Comma-separated networks (CIDR) whose addresses may be fetched, "
         "e.g. `10.1.2.0/24`. Cloud metadata addresses stay refused.",
     )
 
-    @field_validator("fetch_allow_hosts", "fetch_allow_networks", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("fetch_allow_hosts")
-    @classmethod
-    def _lower_hosts(cls, value: list[str]) -> list[str]:
-        return [host.lower().strip("[]") for host in value]
-
 
 class GatewaySettings(IngestSettings):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    kafka_timeout_s: float = Field(
-        default=10.0, gt=0, description="How long a submit waits for Kafka before a 503."
+    """The HTTP gateway: where it listens, who may call it, and its webhooks."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the gateway listens on; `0.0.0.0` for every interface (in a "
+        "container, or behind a proxy on another host).",
     )
+    port: int = Field(default=8000, description="TCP port the gateway listens on.")
     view_catch_up_timeout_s: float = Field(
-        default=30.0, description="How long startup waits to rebuild the job view."
+        default=30.0,
+        description="Seconds start-up waits for the job view to be rebuilt from the "
+        "job-state topic; /readyz answers 503 until it is.",
     )
     readiness_timeout_s: float = Field(
-        default=2.0, gt=0, description="How long /readyz waits for the broker to answer."
+        default=2.0,
+        gt=0,
+        description="Seconds /readyz waits for the broker to answer a metadata request.",
     )
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+    api_keys: CommaSeparated[SecretStr] = Field(
         default_factory=list,
         description="Comma-separated API keys; when set, every /api/v1 route requires one "
         "in the `X-API-Key` header (WebSockets: header or `api_key` query parameter). "
@@ -430,9 +514,11 @@ class GatewaySettings(IngestSettings):
         "client address when there are no keys); 0: no limit.",
     )
     rate_limit_burst: int = Field(
-        default=10, ge=1, description="Submissions allowed at once before the rate applies."
+        default=10,
+        ge=1,
+        description="Submissions allowed at once (a burst) before rate_limit_per_minute applies.",
     )
-    cors_origins: Annotated[list[str], NoDecode] = Field(
+    cors_origins: CommaSeparated[str] = Field(
         default_factory=list,
         description="Comma-separated origins (`https://app.example.com`) allowed to call "
         "the API from a browser, or `*`; empty: no CORS headers.",
@@ -453,13 +539,20 @@ class GatewaySettings(IngestSettings):
         default=6, ge=1, description="Attempts per webhook before it is given up."
     )
     webhook_backoff_s: float = Field(
-        default=1.0, gt=0, description="Delay before the first retry; doubles each time."
+        default=1.0,
+        gt=0,
+        description="Seconds before a webhook's first retry; doubles with each retry.",
     )
     webhook_backoff_max_s: float = Field(
-        default=300.0, gt=0, description="Cap on one retry delay (also on `Retry-After`)."
+        default=300.0,
+        gt=0,
+        description="Longest delay, in seconds, before a webhook retry (also caps a "
+        "receiver's `Retry-After`).",
     )
     webhook_timeout_s: float = Field(
-        default=10.0, gt=0, description="One delivery attempt: connect, send and answer."
+        default=10.0,
+        gt=0,
+        description="Seconds for one webhook delivery attempt: connect, send and answer.",
     )
     webhook_max_in_flight: int = Field(
         default=64, ge=1, description="Webhooks being delivered (or waiting to retry) at once."
@@ -469,13 +562,13 @@ class GatewaySettings(IngestSettings):
         description="Consumer group of the gateways' webhook dispatchers: each finished "
         "job's webhook is sent by one replica.",
     )
-    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+    webhook_allow_hosts: HostNames = Field(
         default_factory=list,
         description="Comma-separated host names (or IP literals) that may receive webhooks "
         "although they resolve to non-public addresses (as `FETCH_ALLOW_HOSTS`). Cloud "
         "metadata addresses stay refused.",
     )
-    webhook_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+    webhook_allow_networks: CommaSeparated[IPvAnyNetwork] = Field(
         default_factory=list,
         description="Comma-separated networks (CIDR) that may receive webhooks.",
     )
@@ -484,59 +577,90 @@ class GatewaySettings(IngestSettings):
     def webhooks_enabled(self) -> bool:
         return self.webhook_secret is not None and bool(self.webhook_secret.get_secret_value())
 
-    @field_validator("webhook_allow_hosts")
-    @classmethod
-    def _lower_webhook_hosts(cls, value: list[str]) -> list[str]:
-        return [host.lower().strip("[]") for host in value]
-
-    @field_validator(
-        "api_keys", "cors_origins", "webhook_allow_hosts", "webhook_allow_networks", mode="before"
-    )
-    @classmethod
-    def _comma_separated_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
 
 class ProcessorSettings(CommonSettings):
+    """A captioning worker: the model it runs, how it batches, and its failure policy."""
+
     captioner: str = Field(
         default="blip",
-        description="`blip`, `hf-image-to-text`, or `package.module:factory` for a plugin.",
+        pattern=r"^(blip|hf-image-to-text|[\w.]+:\w+)$",
+        description="`blip`, `hf-image-to-text` (any model `AutoModelForImageTextToText` "
+        "loads), or `package.module:factory` for a plugin (a callable taking these "
+        "settings and returning a captioner).",
     )
     model: str = Field(
         default="Salesforce/blip-image-captioning-base",
         description="Hub id, local directory, or `tiny-blip` (random weights, for tests).",
     )
-    device: str = Field(default="auto", description="`auto` (cuda if available), cpu, cuda...")
-    precision: str = Field(
+    device: str = Field(
         default="auto",
-        description="`auto` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), "
-        "or fp32 / bf16 / fp16.",
+        pattern=r"^[a-z][a-z0-9_]*(:\d+)?$",
+        description="Torch device the model runs on: `auto` (cuda if available, else cpu), "
+        "or a torch device such as `cpu`, `cuda`, `cuda:1`, `mps`.",
     )
-    max_pixels: int = Field(default=200_000_000, ge=1, description="Refuse larger images.")
-    max_batch_size: int = Field(default=8, ge=1)
-    max_batch_wait_s: float = Field(default=0.05, ge=0)
-    max_new_tokens: int = Field(default=30, ge=1, le=200)
-    num_beams: int = Field(default=1, ge=1, le=8)
+    precision: PrecisionChoice = Field(
+        default="auto",
+        description="Floating-point precision of the model: `auto` (fp16 on CUDA, bf16 on "
+        "CPUs with native bf16, else fp32), or fp32 / bf16 / fp16 (any case).",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Images captioned together in one model call, at most."
+    )
+    max_batch_wait_s: float = Field(
+        default=0.05,
+        ge=0,
+        description="Seconds a batch waits for more images before it runs short: a little "
+        "latency for fuller batches under load.",
+    )
+    max_new_tokens: int = Field(
+        default=30,
+        ge=1,
+        le=200,
+        description="Longest caption, in tokens, for jobs whose options do not set it.",
+    )
+    num_beams: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Beam-search width for jobs whose options do not set it; 1: greedy "
+        "decoding (fastest).",
+    )
     metrics_port: int | None = Field(
         default=None, description="Serve /healthz, /readyz and /metrics here (off if unset)."
     )
-    metrics_host: str = "127.0.0.1"
-    group_id: str = "captionstream-processor"
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address of the metrics_port listener; `0.0.0.0` to be scraped from "
+        "other hosts.",
+    )
+    group_id: str = Field(
+        default="captionstream-processor",
+        description="The workers' Faust app id: their consumer group, and the prefix of "
+        "their tables' changelog topics and transactional ids. Every worker of one "
+        "deployment uses the same.",
+    )
     processing_guarantee: ProcessingGuarantee = Field(
         default=ProcessingGuarantee.AT_LEAST_ONCE,
         description="`at_least_once`, or `exactly_once`: Kafka transactions, so a "
         "read_committed consumer sees one caption event per job even when a worker dies "
         "mid-batch (the kafka profile only; tables are then held in memory).",
     )
-    max_attempts: int = Field(default=3, ge=1, description="Attempts for a transient failure.")
-    retry_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay.")
-    retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Cap on retry delay.")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts per job when captioning fails in a way that may pass (a model "
+        "error, an unavailable blob store) before the job ends FAILURE.",
+    )
+    retry_backoff_s: float = Field(
+        default=1.0, ge=0, description="Seconds before a job's first retry; doubles each time."
+    )
+    retry_backoff_max_s: float = Field(
+        default=30.0, ge=0, description="Longest delay, in seconds, before a job's retry."
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="Intra-op threads. Unset: every core this process may use, or one "
+        description="Torch intra-op threads. Unset: every core this process may use, or one "
         "when the model captions as fast on one (measured at start-up; small models).",
     )
     malloc_tuning: bool = Field(
@@ -549,7 +673,7 @@ class ProcessorSettings(CommonSettings):
         default=1_000_000_000,
         ge=0,
         le=2**31 - 1,
-        description="mmap/trim threshold and top pad when malloc_tuning is on.",
+        description="Bytes: malloc's mmap/trim threshold and top pad when malloc_tuning is on.",
     )
     lean_decoder: bool = Field(
         default=True,
@@ -562,7 +686,7 @@ class ProcessorSettings(CommonSettings):
         "of them (same results, bit for bit), in fp32 the text decoder's per-token layers "
         "(same to rounding). Faster small products.",
     )
-    vision_attention: str = Field(
+    vision_attention: VisionAttentionChoice = Field(
         default="auto",
         description="BLIP's vision-encoder attention: `sdpa` (fused kernel), `eager` (HF's "
         "own), or `auto`: sdpa except on CPU in bf16, where it measured slower.",
@@ -578,9 +702,10 @@ class BulkIngestSettings(IngestSettings):
     ingest_timeout_s: float = Field(
         default=600.0,
         gt=0,
-        description="How long to wait for one job's result after submitting it (or, for a "
+        description="Seconds to wait for one job's result after submitting it (or, for a "
         "job resumed from an interrupted run, after this run started).",
     )
-    kafka_timeout_s: float = Field(
-        default=30.0, gt=0, description="How long one submit waits for Kafka."
-    )
+    # Longer than the gateway's: a failed submit stops the whole run, and no client is
+    # waiting for an answer, so riding out a partition leader's election (seconds) is
+    # worth it here; the gateway answers 503 sooner and its client retries.
+    kafka_timeout_s: KafkaSubmitTimeout = 30.0
