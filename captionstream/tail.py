@@ -8,14 +8,11 @@ never joins or disturbs a consumer group.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import TextIO
 
-from aiokafka.errors import KafkaError
-
-from captionstream.kafka import KafkaConnection, start_topic_reader, stop_consumer
+from captionstream.kafka import KafkaConnection, polls, start_topic_reader, stop_consumer
 from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -51,26 +48,24 @@ async def tail_captions(
     consumer = await start_topic_reader(kafka, topic, from_end=not from_beginning)
     log.info("reading %s from the %s", topic, "beginning" if from_beginning else "end")
     printed = 0
+
+    def done() -> bool:
+        return max_events is not None and printed >= max_events
+
     try:
-        while max_events is None or printed < max_events:
-            try:
-                batches = await consumer.getmany(timeout_ms=500)
-            except KafkaError as exc:
-                log.warning("fetch from %s failed (%r); retrying", topic, exc)
-                await asyncio.sleep(1)
-                continue
-            for records in batches.values():
-                for record in records:
-                    line = event_line(record.value)
-                    if line is None:
-                        continue
+        if done():
+            return printed
+        async for batches in polls(consumer, topic):
+            lines = (event_line(r.value) for records in batches.values() for r in records)
+            for line in lines:
+                if line is not None:
                     out.write(line + "\n")
                     printed += 1
-                    if max_events is not None and printed >= max_events:
+                    if done():
                         break
-                if max_events is not None and printed >= max_events:
-                    break
             out.flush()
+            if done():
+                break
     finally:
         await stop_consumer(consumer)
     return printed

@@ -15,34 +15,17 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
 
-from captionstream.kafka import KafkaConnection, assign_whole_topic, readable_end, stop_consumer
+from captionstream.kafka import (
+    KafkaConnection,
+    assign_whole_topic,
+    polls,
+    readable_end,
+    stop_consumer,
+)
 from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
-
-
-def supersedes(new: JobState, old: JobState | None) -> bool:
-    """Whether `new` should replace `old` in the view.
-
-    The log order of one job's partition is authoritative, except that the first terminal
-    state is final (a redelivered job can never replace its result or reopen it), and
-    PENDING never replaces anything (a gateway writes it before the image event, so a
-    PENDING after another state is a second replica's copy for the same idempotency key).
-    On a compacted topic only each job's last record is left; with PENDING written first
-    that is the job's latest state (for a job a redelivery finished twice, its second
-    result rather than its first). A state submitted after `old` finished
-    belongs to a new job with the same id (an `Idempotency-Key` reused after its job
-    expired) and replaces it; a late state of the older job never does.
-    """
-    if old is None:
-        return True
-    if old.finished_at is not None and new.submitted_at > old.finished_at:
-        return True  # a new job under the id
-    if new.finished_at is not None and new.finished_at < old.submitted_at:
-        return False  # a late state of an older job under the id
-    return not old.status.terminal and new.status is not JobStatus.PENDING
 
 
 class JobView:
@@ -104,7 +87,7 @@ class JobView:
     def apply(self, state: JobState) -> bool:
         """Record `state`; True if it changed the view (and was pushed to subscribers)."""
         old = self._jobs.get(state.job_id)
-        if state == old or not supersedes(state, old):
+        if state == old or not state.supersedes(old):
             return False
         self._jobs[state.job_id] = state
         if state.idempotency_key is not None:
@@ -227,13 +210,7 @@ class JobStateFollower:
         # from end_offsets() (ListOffsets): the embedded broker on s3:// storage answers
         # it wrongly (too low), and the view would claim to be rebuilt far too early.
         pending = set(tps)
-        while True:
-            try:
-                batches = await self.consumer.getmany(timeout_ms=500)
-            except KafkaError as exc:
-                log.warning("job-state fetch failed (%r); retrying", exc)
-                await asyncio.sleep(1)
-                continue
+        async for batches in polls(self.consumer, self.topic):
             for records in batches.values():
                 for record in records:
                     self._apply(record.key, record.value)

@@ -177,6 +177,28 @@ class JobState(_Event):
         description="Called (signed POST) when the job is SUCCESS or FAILURE.",
     )
 
+    def supersedes(self, old: JobState | None) -> bool:
+        """Whether this state wins over `old`, the state held so far for the same job id:
+        the one rule of the gateway's view, webhooks and bulk ingest.
+
+        The log order of one job's partition is authoritative, except that the first
+        terminal state is final (a redelivered job can never replace its result or reopen
+        it), and PENDING never replaces anything (a gateway writes it before the image
+        event, so a PENDING after another state is a second replica's copy for the same
+        idempotency key). On a compacted topic only each job's last record is left; with
+        PENDING written first that is the job's latest state (for a job a redelivery
+        finished twice, its second result rather than its first). A state submitted after
+        `old` finished belongs to a new job with the same id (an `Idempotency-Key` reused
+        after its job expired) and replaces it; a late state of the older job never does.
+        """
+        if old is None:
+            return True
+        if old.finished_at is not None and self.submitted_at > old.finished_at:
+            return True  # a new job under the id
+        if self.finished_at is not None and self.finished_at < old.submitted_at:
+            return False  # a late state of an older job under the id
+        return not old.status.terminal and self.status is not JobStatus.PENDING
+
     def advance(self, status: JobStatus, **changes: object) -> JobState:
         now = utcnow()
         update: dict[str, object] = {"status": status, "updated_at": now, **changes}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -39,6 +39,30 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
             raise
         log.info("Kafka consumer stopped while a fetch waited out its retry backoff")
         await close_connections(consumer)
+
+
+Polled = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+async def polls(
+    consumer: AIOKafkaConsumer, what: str, *, timeout_ms: int = 500, retry_s: float = 1.0
+) -> AsyncIterator[Polled]:
+    """Every `getmany()` answer of a started consumer, forever; the one read loop of every
+    long-running reader (the gateway's view, webhooks, `tail`, bulk ingest).
+
+    Empty answers are yielded too, so callers do their periodic work (catch-up checks,
+    commits, back-pressure) while a topic is quiet. A Kafka error is retried after
+    `retry_s` with a warning naming `what` is read: a broker restart or a rebalance is
+    not a reason for a reader to stop.
+    """
+    while True:
+        try:
+            polled = await consumer.getmany(timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            log.warning("fetch of %s failed (%r); retrying", what, exc)
+            await asyncio.sleep(retry_s)
+            continue
+        yield polled
 
 
 async def assign_whole_topic(

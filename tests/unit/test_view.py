@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.view import JobView, supersedes
+from gateway.view import JobView
 from schemas.events import JobState, JobStatus, utcnow
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -82,11 +82,11 @@ def test_terminal_state_of_one_job_does_not_freeze_another() -> None:
 
 
 def test_supersedes() -> None:
-    assert supersedes(pending(), None)
-    assert supersedes(started(), pending())
-    assert supersedes(success(), started())
-    assert not supersedes(started(), success())
-    assert not supersedes(success(caption="other"), success())
+    assert pending().supersedes(None)
+    assert started().supersedes(pending())
+    assert success().supersedes(started())
+    assert not started().supersedes(success())
+    assert not success(caption="other").supersedes(success())
 
 
 async def test_subscriber_receives_every_change() -> None:
