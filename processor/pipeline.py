@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +33,7 @@ from schemas.events import (
     decode_image_submitted,
     utcnow,
 )
+from schemas.topics import Headers
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -211,6 +212,17 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int) -> float:
         return float(min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)))
+
+
+def seconds_until_due(headers: Mapping[str, bytes], now: datetime) -> float:
+    """How long a retry (`ResultSink.schedule_retry`'s record) must still wait; a missing
+    or bad due time means "now"."""
+    raw = headers.get(Headers.NOT_BEFORE)
+    try:
+        due = datetime.fromisoformat(raw.decode()) if raw else now
+    except ValueError:
+        return 0.0
+    return max(0.0, (due - now).total_seconds())
 
 
 @dataclass(frozen=True, slots=True)

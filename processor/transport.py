@@ -1,18 +1,7 @@
-"""Faust's Kafka transport, adapted to the broker profile: the worker's only reach into
-Faust's transport internals.
+"""The worker's Faust transport: the broker profile's (`KafkaConnection.faust_transport`:
+producer idempotence, where end offsets come from), with what the worker needs of Faust
+on every broker. Fixes of Faust's own behaviour, not broker workarounds:
 
-- **Idempotent producer (kafka profile).** Faust turns on `enable_idempotence` only inside
-  transactions; at-least-once workers would otherwise write a record twice when a produce
-  request is retried after a lost answer. `IdempotentProducer` asks for it always.
-- **End offsets from fetch responses (embedded profile).** Faust's table recovery asks the
-  consumer for each changelog partition's end offset (`Consumer.highwaters`, i.e.
-  aiokafka's `end_offsets()`, ListOffsets) to know where recovery stops and to check the
-  offsets its rocksdb stores persisted. Tansu on s3:// storage answers ListOffsets too
-  low (see `captionstream.kafka.profiles.ClientTuning.highwaters_from_fetch`): a
-  restarted worker then crashed with `ConsistencyError`, and a worker without old state
-  stopped recovering early, with finished jobs and cancellations missing from its tables.
-  `EndOffsetsConsumerThread` answers `highwaters` with the high watermark of a fetch
-  response (`fetch_highwaters`), which Tansu gets right.
 - **No records lost when a rebalance ends (every profile).** When table recovery ends,
   Faust resumes the stream partitions, seeks them to their committed offsets and only
   then resumes `app.flow_control`, which empties every agent's queue; but the consumer's
@@ -53,20 +42,25 @@ Faust's transport internals.
      for good. Tables then live in memory (rebuilt from the committed changelog when a
      worker starts), without standby replicas, and `FlowSafeTableManager` forgets the
      partitions a worker loses.
-  4. Table recovery took the end of a changelog partition from the last stable offset
-     of a fetch that had not happened yet (-1): a worker given back a partition it had
-     held crashed (ConsistencyError). `EndOffsetsConsumerThread` asks the broker.
+  (Where table recovery finds a changelog's end, under exactly-once too, is the
+  profile transport's to say: `captionstream.kafka.faust_transport`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from typing import Any, Protocol
 
 import faust
-from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
@@ -75,27 +69,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from faust.types.tuples import RecordMetadata
 
-from captionstream.kafka import KafkaConnection, fetch_highwaters
+from captionstream.kafka import KafkaConnection
 from schemas.topics import TOPICS
-
-
-class EndOffsetsConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread, answering the end offsets table recovery reads where
-    the profile's broker and the guarantee need them read."""
-
-    kafka: KafkaConnection  # given by the subclass `transport_for` makes
-
-    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
-        if self.kafka.tuning.highwaters_from_fetch:  # embedded: no transactions there
-            tps = {TopicPartition(tp.topic, tp.partition): tp for tp in partitions}
-            ends = await fetch_highwaters(self.kafka, list(tps))
-            return {tps[tp]: end for tp, end in ends.items()}
-        # Faust's exactly-once path answers last_stable_offset() from the fetch state:
-        # None for a changelog partition not fetched yet (one just assigned), which
-        # recovery took for an empty changelog (a worker crashed with ConsistencyError).
-        # ListOffsets from a read_committed consumer answers the last stable offset.
-        consumer = self._ensure_consumer()
-        return dict(await consumer.end_offsets(list(partitions)))
 
 
 def never_committed(
@@ -123,11 +98,6 @@ class RewindingConsumer(faust_aiokafka.Consumer):
                 "never committed, read from the beginning: %s",
                 ", ".join(f"{tp.topic}[{tp.partition}]@{earliest[tp]}" for tp in rewind),
             )
-
-
-class IdempotentProducer(faust_aiokafka.Producer):
-    def _settings_extra(self) -> Mapping[str, Any]:
-        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
 def key_partition(key: bytes, partitions: int) -> int:
@@ -192,6 +162,33 @@ class PartitionTransactions(TransactionManager):
             return int(assignor.group_for_topic(TOPICS.images.name))
 
 
+class ChangelogWriter(Protocol):
+    async def changelog_written(self) -> None: ...
+
+
+class UnitOfWork:
+    """One batch's (or control request's) work, kept whole between two commits.
+
+    Under exactly-once (a `gate`) it holds the `CommitGate` from its first send until
+    its table writes are on the log: they reach Kafka later, through Faust's send
+    buffer (exactly-once 2). Without a gate there is nothing to hold.
+    """
+
+    def __init__(self, gate: CommitGate | None, tables: Sequence[ChangelogWriter]) -> None:
+        self.gate = gate
+        self.tables = tables
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if self.gate is None:
+            yield
+            return
+        async with self.gate.hold():
+            yield
+            for table in self.tables:
+                await table.changelog_written()
+
+
 def gated_consumer(
     base: type[faust_aiokafka.Consumer], gate: CommitGate
 ) -> type[faust_aiokafka.Consumer]:
@@ -210,25 +207,18 @@ def gated_consumer(
 def transport_for(
     kafka: KafkaConnection, gate: CommitGate | None = None
 ) -> type[faust_aiokafka.Transport]:
-    """A `kafka://` transport class with the profile's producer and consumer; with a
+    """The profile's `kafka://` transport class with a `RewindingConsumer`; with a
     `gate`, the exactly-once consumer and transaction manager."""
+    base = kafka.faust_transport()
 
-    class ConsumerThread(EndOffsetsConsumerThread):
+    class ProfileRewindingConsumer(RewindingConsumer, base.Consumer):  # type: ignore[misc,name-defined]
         pass
 
-    ConsumerThread.kafka = kafka
-
-    class EndOffsetsConsumer(RewindingConsumer):
-        def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    consumer: type[faust_aiokafka.Consumer] = EndOffsetsConsumer
+    consumer: type[faust_aiokafka.Consumer] = ProfileRewindingConsumer
     if gate is not None:
         consumer = gated_consumer(consumer, gate)
 
-    class Transport(faust_aiokafka.Transport):
-        if kafka.tuning.idempotent_producer:
-            Producer = IdempotentProducer
+    class Transport(base):  # type: ignore[misc,valid-type]
         Consumer = consumer
         TransactionManager = PartitionTransactions
 

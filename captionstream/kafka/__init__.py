@@ -6,7 +6,8 @@ topic plan, and group-less readers.
 - `profiles`: what Apache Kafka and the embedded broker each need from clients; every
   workaround for the embedded broker lives there.
 - `topics`: every topic, declared once, created and verified explicitly.
-- `readers`: whole-topic readers, end offsets from fetches, single records.
+- `readers`: the read loop (`polls`), whole-topic readers, end offsets from fetches,
+  single records.
 """
 
 from captionstream.kafka.connection import KafkaConnection
@@ -20,6 +21,7 @@ from captionstream.kafka.readers import (
     assign_whole_topic,
     fetch_highwaters,
     list_topics,
+    polls,
     read_record_at,
     readable_end,
     start_topic_reader,
@@ -45,6 +47,7 @@ __all__ = [
     "fetch_highwaters",
     "list_topics",
     "own_topics",
+    "polls",
     "processor_topics",
     "read_record_at",
     "readable_end",

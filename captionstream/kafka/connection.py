@@ -9,7 +9,7 @@ and encrypts: `KafkaSecurity`) is decided once, not at each call site.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -17,6 +17,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from captionstream.kafka.profiles import ClientTuning, tuning_for
 from captionstream.kafka.security import KafkaSecurity
 from captionstream.settings import CommonSettings, KafkaCompression, KafkaProfile
+
+if TYPE_CHECKING:
+    from faust.transport.drivers.aiokafka import Transport as FaustTransport
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +156,8 @@ class KafkaConnection:
         `env={}`: Faust would otherwise let unprefixed environment variables
         (`BROKER_URL`, `TOPIC_PARTITIONS`, ...) override these, so a stray variable from
         another service's environment could point a worker at another cluster.
-        Producer idempotence is not a Faust setting: processor/transport.py adds it.
+        What the profile needs that is no Faust setting (producer idempotence, where
+        end offsets come from) is in its transport: `faust_transport`.
         """
         settings: dict[str, Any] = {
             "env": {},
@@ -175,3 +179,11 @@ class KafkaConnection:
         if self.tuning.producer_max_batch_size is not None:
             settings["producer_max_batch_size"] = self.tuning.producer_max_batch_size
         return settings
+
+    def faust_transport(self) -> type[FaustTransport]:
+        """The Faust app's `kafka://` transport class, as the profile needs it
+        (`captionstream.kafka.faust_transport`); the worker builds on it."""
+        # Faust is the processor's dependency: imported only where a worker needs it.
+        from captionstream.kafka.faust_transport import faust_transport
+
+        return faust_transport(self)

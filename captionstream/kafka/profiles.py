@@ -28,7 +28,7 @@ class ClientTuning:
     # the watermark the broker keeps for each partition, which is right. Faust's table
     # recovery reads end offsets (ListOffsets) to know where a changelog ends: too low,
     # a restarted worker crashed (ConsistencyError) or recovered its tables partly.
-    # See `readers.fetch_highwaters` and processor/transport.py.
+    # See `readers.fetch_highwaters` and `faust_transport`.
     highwaters_from_fetch: bool = False
     # Consumer groups: how long a silent member keeps its partitions, and how often a
     # live one says so. Tansu holds JoinGroup for session_timeout/2, so it needs them

@@ -1,6 +1,6 @@
-"""The worker's Faust transport per profile (processor/transport.py): end offsets from
-fetch responses on the embedded broker, an idempotent producer on Kafka. Wiring only, no
-broker."""
+"""The worker's Faust transport per profile (captionstream/kafka/faust_transport.py, which
+processor/transport.py builds on): end offsets from fetch responses on the embedded
+broker, an idempotent producer on Kafka. Wiring only, no broker."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-import processor.transport
+import captionstream.kafka.faust_transport
 from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE, KafkaConnection
+from captionstream.kafka.faust_transport import (
+    FetchHighwatersConsumerThread,
+    IdempotentProducer,
+    ListOffsetsConsumerThread,
+)
 from captionstream.settings import KafkaProfile, ProcessorSettings
 from ingest.blobstore import LocalBlobStore
 from processor.app import create_app
 from processor.inference import InferenceThread
-from processor.transport import EndOffsetsConsumerThread, IdempotentProducer, PartitionTransactions
+from processor.transport import PartitionTransactions
 
 
 def test_only_the_embedded_profile_reads_end_offsets_from_fetches() -> None:
@@ -37,11 +42,13 @@ async def test_highwaters_come_from_fetch_responses(monkeypatch: pytest.MonkeyPa
         asked.append((kafka, list(tps)))
         return {tp: 100 + tp.partition for tp in tps}
 
-    monkeypatch.setattr(processor.transport, "fetch_highwaters", fake_fetch_highwaters)
+    monkeypatch.setattr(
+        captionstream.kafka.faust_transport, "fetch_highwaters", fake_fetch_highwaters
+    )
     kafka = KafkaConnection("127.0.0.1:9555,other:9092", KafkaProfile.EMBEDDED)
     thread: Any = SimpleNamespace(consumer=SimpleNamespace(in_transaction=False), kafka=kafka)
     tps = [TP("jobs-changelog", 0), TP("jobs-changelog", 3)]
-    ends = await EndOffsetsConsumerThread._highwaters(thread, tps)
+    ends = await FetchHighwatersConsumerThread._highwaters(thread, tps)
     assert ends == {tps[0]: 100, tps[1]: 103}
     assert all(isinstance(tp, TP) for tp in ends)  # Faust's own type, as Faust keys by it
     assert asked == [
@@ -67,7 +74,7 @@ async def test_on_kafka_end_offsets_come_from_the_broker(in_transaction: bool) -
         _ensure_consumer=Consumer,
     )
     tps = [TP("jobs-changelog", 1), TP("jobs-changelog", 2)]
-    assert await EndOffsetsConsumerThread._highwaters(thread, tps) == {tps[0]: 41, tps[1]: 42}
+    assert await ListOffsetsConsumerThread._highwaters(thread, tps) == {tps[0]: 41, tps[1]: 42}
     assert asked == [tps]
 
 
