@@ -6,6 +6,9 @@ that handles them reads an attribute instead of walking `isinstance` chains.
 
 from __future__ import annotations
 
+import enum
+import ipaddress
+
 
 class CaptionstreamError(Exception):
     """Root of every error this project raises on purpose."""
@@ -104,6 +107,63 @@ class InferenceError(CaptioningError):
     """The model failed on a batch; may succeed on a later attempt."""
 
     retriable = True
+
+
+# --- the SSRF guard (ingest.address_guard): image URLs and webhooks -------------------
+
+
+class RefusalReason(enum.StrEnum):
+    """Why the SSRF guard refuses a URL, in words. The `*_ADDRESS` reasons concern an
+    address the host is or resolves to; the others, the URL or its name."""
+
+    SCHEME = "not http or https"
+    CREDENTIALS = "credentials in the URL"
+    NO_HOST = "no host"
+    UNKNOWN_HOST = "unknown host"
+    UNRESOLVABLE = "unresolvable host"  # DNS failed, rather than said there is no such name
+    METADATA_ADDRESS = "a cloud metadata address"
+    UNSPECIFIED_ADDRESS = "an unspecified address"
+    LOOPBACK_ADDRESS = "a loopback address"
+    LINK_LOCAL_ADDRESS = "a link-local address"
+    MULTICAST_ADDRESS = "a multicast address"
+    RESERVED_ADDRESS = "a reserved address"
+    PRIVATE_ADDRESS = "a private address"
+    NON_PUBLIC_ADDRESS = "not a public address"
+
+
+class AddressRefused(CaptionstreamError):
+    """A URL the SSRF guard will not let this service send a request to. Its callers
+    (image fetching, webhooks) each word it for their users from the data: `reason`,
+    `host`, the `address` refused (None when it did not come to addresses) and, for an
+    IPv6 address judged by the IPv4 address it stands for, that `embedded` address."""
+
+    http_status = 400
+
+    def __init__(
+        self,
+        reason: RefusalReason,
+        host: str | None = None,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+        embedded: ipaddress.IPv4Address | None = None,
+    ) -> None:
+        self.reason = reason
+        self.host = host
+        self.address = address
+        self.embedded = embedded
+        super().__init__(f"URL refused: {self.explanation}")
+
+    @property
+    def explanation(self) -> str:
+        """The refusal naming its host and address, e.g. `hooks.internal (10.0.0.7): a
+        private address`, `::ffff:127.0.0.1: a loopback address (embedded 127.0.0.1)`,
+        `unknown host 'x.invalid'`."""
+        if self.address is None:
+            return str(self.reason) if self.host is None else f"{self.reason} {self.host!r}"
+        if self.reason is RefusalReason.METADATA_ADDRESS:
+            return f"{self.host}: {self.address} is {self.reason}"
+        shown = self.host if self.host == str(self.address) else f"{self.host} ({self.address})"
+        inner = "" if self.embedded is None else f" (embedded {self.embedded})"
+        return f"{shown}: {self.reason}{inner}"
 
 
 # --- fetching images by URL -----------------------------------------------------------

@@ -1,22 +1,14 @@
 """Fetching an image by URL for a job, safely.
 
-A URL from a client makes this service send a request, so the fetch is guarded against
-server-side request forgery (SSRF):
-- only `http` and `https`, no credentials in the URL;
-- the host is resolved here (off the event loop), and every address it resolves to must
-  be public: loopback, private, link-local, multicast, reserved, unspecified and other
-  non-global addresses, and the cloud metadata endpoints, are refused (IPv4 embedded in
-  IPv6 - mapped, 6to4, NAT64 - is judged by the IPv4 address);
-- the connection goes to the address that was vetted, never to a name resolved again
-  later, so DNS rebinding cannot swap in an internal address between check and use. The
-  request still carries the real `Host` header, and for https the real name is sent as
-  SNI and the certificate is verified against it;
+A URL from a client makes this service send a request, so every hop goes through the SSRF
+guard (`ingest.address_guard`): http(s) only, no credentials, every address the host
+resolves to public unless allow-listed, metadata endpoints never, and the connection to
+the vetted address, never to a name resolved again. The request still carries the real
+`Host` header, and for https the real name is sent as SNI and the certificate is verified
+against it. Besides:
 - redirects are followed by hand, at most `max_redirects`, each one vetted the same way;
 - the body is read as it streams and the fetch is aborted once it passes `max_bytes`;
   connect, read and whole-fetch timeouts bound the time.
-
-An allow-list (`allow_hosts`, `allow_networks`) lets tests and private deployments
-fetch from non-public addresses; the metadata endpoints stay refused regardless.
 
 Not supported: fetching through an HTTP proxy. Proxy settings in the environment are
 ignored on purpose, since a proxy would resolve names itself, after the vetting.
@@ -26,71 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
-from captionstream.errors import FetchError, FetchRefused, FetchTimeout, ImageTooLarge
-from captionstream.settings import IngestSettings
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# Cloud instance metadata endpoints (AWS, GCP, Azure, OpenStack... share 169.254.169.254;
-# AWS's IPv6 one is fd00:ec2::254). Refused even when an allow-list would admit them.
-METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+from captionstream.errors import (
+    AddressRefused,
+    FetchError,
+    FetchRefused,
+    FetchTimeout,
+    ImageTooLarge,
+    RefusalReason,
 )
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+from captionstream.settings import IngestSettings
+from ingest.address_guard import (
+    AddressPolicy,
+    IPAddress,
+    IPNetwork,
+    Resolver,
+    VettedURL,
+    system_resolver,
+    vet_url,
+)
+from ingest.address_guard import refusal_reason as refusal_reason  # re-exported
 
-SCHEMES = frozenset({"http", "https"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "captionstream/0.1 (image fetch for captioning)"
-
-Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
-
-
-def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), if any."""
-    if isinstance(ip, ipaddress.IPv4Address):
-        return None
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def refusal_reason(ip: IPAddress) -> str | None:
-    """Why `ip` must not be fetched from, or None for a public address."""
-    inner = embedded_ipv4(ip)
-    if inner is not None:
-        reason = refusal_reason(inner)
-        return None if reason is None else f"{reason} (embedded {inner})"
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if ip.is_private:
-        return "a private address"
-    if not ip.is_global:
-        return "not a public address"
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,89 +70,37 @@ class FetchPolicy:
             allow_networks=tuple(settings.fetch_allow_networks),
         )
 
+    @property
+    def addresses(self) -> AddressPolicy:
+        """The SSRF guard's part of this policy: the allow-list."""
+        return AddressPolicy(self.allow_hosts, self.allow_networks)
+
     def check_address(self, host: str, ip: IPAddress) -> None:
         """Raise `FetchRefused` unless `host` may be fetched at `ip`."""
-        if ip in METADATA_ADDRESSES or embedded_ipv4(ip) in METADATA_ADDRESSES:
-            raise FetchRefused(f"refusing to fetch from {host}: {ip} is a cloud metadata address")
-        reason = refusal_reason(ip)
-        if reason is None or host.lower() in self.allow_hosts:
-            return
-        if any(ip in network for network in self.allow_networks):
-            return
-        shown = host if host == str(ip) else f"{host} ({ip})"
-        raise FetchRefused(f"refusing to fetch from {shown}: {reason}")
+        try:
+            self.addresses.check_address(host, ip)
+        except AddressRefused as exc:
+            raise fetch_refusal(exc, host) from exc
 
 
-async def system_resolver(host: str, port: int) -> list[IPAddress]:
-    """The addresses of `host`, in the system's preference order (getaddrinfo, run in the
-    loop's executor so a slow DNS server never blocks the event loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses: list[IPAddress] = []
-    for _family, _type, _proto, _name, sockaddr in infos:
-        ip = ipaddress.ip_address(sockaddr[0])
-        if ip not in addresses:
-            addresses.append(ip)
-    return addresses
-
-
-@dataclass(frozen=True, slots=True)
-class VettedURL:
-    """A URL whose every address passed the policy: connect only to `addresses`."""
-
-    url: httpx.URL
-    host: str  # ASCII (IDNA) host name or IP literal, without brackets
-    addresses: Sequence[IPAddress]
-
-    def requests(
-        self, client: httpx.AsyncClient, method: str, **kwargs: Any
-    ) -> Iterator[httpx.Request]:
-        """One request per vetted address, in order, each aimed at the address itself
-        (never at a name resolved again), with the real `Host` header and, for https,
-        the real name as SNI (the certificate is verified against it)."""
-        headers = {**kwargs.pop("headers", {}), "Host": self.url.netloc.decode("ascii")}
-        extensions = {"sni_hostname": self.host} if self.url.scheme == "https" else {}
-        for ip in self.addresses:
-            yield client.build_request(
-                method,
-                self.url.copy_with(host=str(ip)),
-                headers=headers,
-                extensions=extensions,
-                **kwargs,
-            )
-
-
-async def vet_url(
-    url: httpx.URL, policy: FetchPolicy, resolver: Resolver = system_resolver
-) -> VettedURL:
-    """Check scheme, credentials and host of `url`, resolve it, and check every address
-    under `policy`. Raises `FetchRefused` (or `FetchError` when DNS itself fails)."""
-    if url.scheme not in SCHEMES:
-        raise FetchRefused(f"only http and https URLs are fetched, not {str(url)[:100]!r}")
-    if url.userinfo:
-        raise FetchRefused("credentials in image URLs are not accepted")
-    host = url.raw_host.decode("ascii")
-    if not host:
-        raise FetchRefused(f"URL {str(url)[:100]!r} has no host")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-    except ValueError:
-        addresses = await _resolve(resolver, host, port)
-    for ip in addresses:
-        policy.check_address(host, ip)
-    return VettedURL(url, host, addresses)
-
-
-async def _resolve(resolver: Resolver, host: str, port: int) -> list[IPAddress]:
-    try:
-        addresses = await resolver(host, port)
-    except socket.gaierror as exc:
-        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
-            raise FetchRefused(f"unknown host {host!r}") from exc
-        raise FetchError(f"cannot resolve {host!r}: {exc}") from exc
-    if not addresses:
-        raise FetchRefused(f"unknown host {host!r}")
-    return addresses
+def fetch_refusal(refused: AddressRefused, url: httpx.URL | str) -> FetchError:
+    """The guard's refusal of `url` (an image URL or a redirect's; the host alone for an
+    address), worded for the client who sent it: `FetchRefused` (400), or `FetchError`
+    (502) when DNS failed."""
+    shown = str(url)[:100]
+    match refused.reason:
+        case RefusalReason.SCHEME:
+            return FetchRefused(f"only http and https URLs are fetched, not {shown!r}")
+        case RefusalReason.CREDENTIALS:
+            return FetchRefused("credentials in image URLs are not accepted")
+        case RefusalReason.NO_HOST:
+            return FetchRefused(f"URL {shown!r} has no host")
+        case RefusalReason.UNKNOWN_HOST:
+            return FetchRefused(f"unknown host {refused.host!r}")
+        case RefusalReason.UNRESOLVABLE:
+            return FetchError(f"cannot resolve {refused.host!r}: {refused.__cause__}")
+        case _:
+            return FetchRefused(f"refusing to fetch from {refused.explanation}")
 
 
 class ImageFetcher:
@@ -211,6 +114,7 @@ class ImageFetcher:
         verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.policy = policy
+        self.addresses = policy.addresses
         self.resolver = resolver
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -275,7 +179,10 @@ class ImageFetcher:
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def _vet(self, url: httpx.URL) -> VettedURL:
-        return await vet_url(url, self.policy, self.resolver)
+        try:
+            return await vet_url(url, self.addresses, self.resolver)
+        except AddressRefused as exc:
+            raise fetch_refusal(exc, url) from exc
 
     @contextlib.asynccontextmanager
     async def _open(self, target: VettedURL) -> AsyncIterator[httpx.Response]:

@@ -27,7 +27,7 @@ class JobPublisher(Protocol):
     async def publish_submission(self, state: JobState, event: ImageSubmitted) -> None:
         """Publish the PENDING state, then the image event; raise if either fails (the
         job was not accepted). PENDING first keeps each job's states in order on the
-        compacted job-state topic (gateway.publisher says why)."""
+        compacted job-state topic (ingest.kafka_publishing says why)."""
         ...
 
 

@@ -4,7 +4,7 @@ that makes a rerun resume, the list of awaited jobs, and `captionstream tail`'s 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -271,6 +271,61 @@ def test_the_waiter_reports_the_first_terminal_state_of_awaited_jobs_only() -> N
     assert waiter.apply(state("j2", JobStatus.FAILURE))
     assert done == [("/a", JobStatus.SUCCESS, True), ("/b", JobStatus.FAILURE, False)]
     assert len(waiter) == 0
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def job_states(job_id: str, submitted_s: float, finished_s: float) -> tuple[JobState, ...]:
+    """PENDING, STARTED and SUCCESS of one job submitted and finished at those times."""
+    pending = JobState.pending(job_id, at(submitted_s))
+    started = pending.advance(JobStatus.STARTED, updated_at=at(submitted_s + 1))
+    success = started.advance(
+        JobStatus.SUCCESS,
+        caption=f"finished at {finished_s}",
+        updated_at=at(finished_s),
+        finished_at=at(finished_s),
+    )
+    return pending, started, success
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "from-the-topic"])
+def test_the_waiter_ignores_a_late_terminal_state_of_an_older_job_under_the_same_id(
+    seeded: bool,
+) -> None:
+    # An id reused for a new job (e.g. a derived id): the older job's terminal state,
+    # finished before the awaited job was submitted, is read late and must not finish it.
+    done: list[JobState] = []
+    waiter = ResultWaiter(lambda job, st, slot: done.append(st))
+    *_, older_success = job_states("j1", submitted_s=0, finished_s=10)
+    pending, started, success = job_states("j1", submitted_s=100, finished_s=110)
+    waiter.expect(PendingJob("/a", "j1", SHA), now=0, state=pending if seeded else None)
+    if not seeded:
+        assert not waiter.apply(pending)
+
+    assert not waiter.apply(older_success)
+    assert "j1" in waiter
+    assert not waiter.apply(started)
+    assert not waiter.apply(older_success)
+    assert waiter.apply(success)
+    assert done == [success]
+    assert len(waiter) == 0
+
+
+def test_the_waiter_keeps_the_first_terminal_state_and_ignores_later_ones() -> None:
+    # A redelivered job can finish twice; the first result is the job's result.
+    done: list[JobState] = []
+    waiter = ResultWaiter(lambda job, st, slot: done.append(st))
+    pending, started, first = job_states("j1", submitted_s=0, finished_s=10)
+    again = started.advance(JobStatus.FAILURE, error="redelivered", finished_at=at(20))
+    waiter.expect(PendingJob("/a", "j1", SHA), now=0, state=pending)
+    assert not waiter.apply(pending), "the PENDING state this run published is no news"
+    assert not waiter.apply(started)
+    assert waiter.apply(first)
+    assert not waiter.apply(again)
+    assert not waiter.apply(first)
+    assert done == [first]
 
 
 def test_the_waiter_gives_up_on_late_jobs_and_forgets_unpublished_ones() -> None:

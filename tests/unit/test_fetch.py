@@ -19,8 +19,9 @@ import pytest
 
 from captionstream.errors import FetchError, FetchRefused, FetchTimeout, ImageTooLarge
 from captionstream.settings import IngestSettings
-from ingest.fetch import FetchPolicy, ImageFetcher, IPAddress, refusal_reason
-from tests.conftest import make_png
+from ingest.address_guard import IPAddress, refusal_reason
+from ingest.fetch import FetchPolicy, ImageFetcher
+from tests.helpers.images import make_png
 
 PNG = make_png(32, 24)
 LOOPBACK = frozenset({"127.0.0.1"})
@@ -282,6 +283,33 @@ async def test_allowed_network_admits_loopback(server: Server) -> None:
 async def test_unknown_host_is_a_bad_request() -> None:
     with pytest.raises(FetchRefused, match="unknown host"):
         await fetch("http://no-such-host.invalid/cat.png")
+
+
+async def test_a_failed_lookup_is_a_bad_gateway_not_a_refusal() -> None:
+    """DNS that fails (rather than says there is no such name) is the upstream side's
+    problem: 502, as a connection failure is."""
+
+    async def broken(host: str, port: int) -> list[IPAddress]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    client = ImageFetcher(FetchPolicy(max_bytes=1 << 20), resolver=broken)
+    try:
+        with pytest.raises(
+            FetchError, match=r"cannot resolve 'images\.example': .*Temporary"
+        ) as failed:
+            await client.fetch("http://images.example/cat.png")
+    finally:
+        await client.aclose()
+    assert not isinstance(failed.value, FetchRefused)
+    assert failed.value.http_status == 502
+
+
+async def test_refusals_are_worded_for_image_urls() -> None:
+    with pytest.raises(FetchRefused) as refused:
+        await fetch("http://10.1.2.3/cat.png", allow_hosts=frozenset())
+    assert refused.value.detail == "refusing to fetch from 10.1.2.3: a private address"
+    with pytest.raises(FetchRefused, match=r"^URL 'http:.*cat\.png' has no host$"):
+        await fetch("http:///cat.png")
 
 
 # --- redirects ------------------------------------------------------------------------

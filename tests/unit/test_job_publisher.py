@@ -10,7 +10,7 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
 from captionstream.errors import KafkaAccessDenied
-from gateway.publisher import KafkaJobPublisher
+from ingest.kafka_publishing import KafkaJobPublisher
 from schemas.events import ImageSubmitted, JobState, JobStatus, decode_job_state
 from schemas.topics import TOPICS
 

@@ -1,9 +1,11 @@
-"""Webhooks without Kafka: signing, the retry policy, the payload, offset bookkeeping, the
-URL guard, and the sender against a real local HTTP receiver (sleeps recorded, not slept)."""
+"""Webhooks without Kafka: signing, the retry policy, the payload, offset bookkeeping, which
+terminal states are delivered, the URL guard, and the sender against a real local HTTP
+receiver (sleeps recorded, not slept)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,14 +16,17 @@ from aiokafka import TopicPartition
 from pydantic import SecretStr
 
 from captionstream.errors import WebhookRefused
+from captionstream.kafka import KafkaConnection
 from captionstream.settings import GatewaySettings
+from gateway.idempotency import request_digest
 from gateway.metrics import GatewayMetrics
-from gateway.routes.jobs import request_digest
 from gateway.view import JobView
 from gateway.webhooks import (
+    FinishedJobs,
     OffsetTracker,
     PartitionOffsets,
     Verdict,
+    WebhookDispatcher,
     WebhookGuard,
     WebhookSender,
     backoff_delay,
@@ -29,7 +34,7 @@ from gateway.webhooks import (
     parse_retry_after,
     retry_delay,
 )
-from ingest.fetch import IPAddress
+from ingest.address_guard import IPAddress
 from schemas.events import GenerationOptions, JobState, JobStatus, caption_event_id
 from schemas.webhooks import (
     EVENT_ID_HEADER,
@@ -219,6 +224,89 @@ def test_a_revoked_partition_is_forgotten_and_its_late_finish_is_harmless() -> N
     assert tracker.to_commit() == {tp: 5}
 
 
+# --- which terminal states are delivered ----------------------------------------------
+
+
+def ended(
+    submitted: datetime,
+    finished: datetime,
+    status: JobStatus = JobStatus.SUCCESS,
+    job_id: str = "job-1",
+) -> JobState:
+    """A terminal state of job `job_id` with a webhook, at the times given."""
+    return JobState(
+        job_id=job_id,
+        status=status,
+        submitted_at=submitted,
+        updated_at=finished,
+        finished_at=finished,
+        webhook_url="http://127.0.0.1/hook",
+    )
+
+
+def test_a_reused_job_id_is_delivered_again_but_a_repeated_terminal_state_is_not() -> None:
+    jobs = FinishedJobs(max_jobs=10)
+    first = ended(T0, T0 + timedelta(minutes=1))
+    assert jobs.claim(first)
+    assert not jobs.claim(first.model_copy()), "the same terminal state read again"
+    redelivered = ended(T0, T0 + timedelta(minutes=2), JobStatus.FAILURE)
+    assert not jobs.claim(redelivered), "the first terminal state of a job is final"
+    reused = ended(T0 + timedelta(minutes=5), T0 + timedelta(minutes=6))
+    assert jobs.claim(reused), "a job submitted under the id after the first finished"
+    assert not jobs.claim(reused.model_copy())
+    assert not jobs.claim(first), "a late state of the older job never wins"
+
+
+def test_a_cancelled_delivery_is_sent_when_read_again() -> None:
+    jobs = FinishedJobs(max_jobs=10)
+    first = ended(T0, T0 + timedelta(minutes=1))
+    assert jobs.claim(first)
+    jobs.release(first)
+    assert jobs.claim(first.model_copy())
+    # Releasing a state no longer held does not forget the one held since.
+    newer = ended(T0 + timedelta(minutes=5), T0 + timedelta(minutes=6))
+    assert jobs.claim(newer)
+    jobs.release(first)
+    assert not jobs.claim(newer.model_copy())
+
+
+def test_only_the_most_recent_jobs_are_remembered() -> None:
+    jobs = FinishedJobs(max_jobs=2)
+    states = [ended(T0, T0 + timedelta(minutes=1), job_id=f"job-{n}") for n in range(3)]
+    assert all(jobs.claim(state) for state in states)
+    assert list(jobs.held) == ["job-1", "job-2"]
+    assert jobs.claim(states[0].model_copy()), "forgotten, so delivered again"
+    assert not jobs.claim(states[2].model_copy())
+
+
+async def test_the_dispatcher_delivers_terminal_states_with_a_webhook_once_per_job() -> None:
+    """Records as read from the job-state topic (no broker: the consumer never starts)."""
+    config = enabled()
+    sender = WebhookSender(config, WebhookGuard(config), GatewayMetrics(JobView()))
+    dispatcher = WebhookDispatcher(
+        config, KafkaConnection.from_settings(config, "gateway"), "job-states", sender
+    )
+    try:
+        first = ended(T0, T0 + timedelta(minutes=1))
+        reused = ended(T0 + timedelta(minutes=5), T0 + timedelta(minutes=6))
+        records = [
+            JobState.pending("job-1", T0).model_copy(update={"webhook_url": "http://h/1"}),
+            first,
+            first,
+            ended(T0, T0 + timedelta(minutes=1), job_id="job-2").model_copy(
+                update={"webhook_url": None}
+            ),
+            reused,
+            first,
+        ]
+        delivered = [dispatcher._to_deliver(state.model_dump_json().encode()) for state in records]
+        assert delivered == [None, first, None, None, reused, None]
+        assert dispatcher._to_deliver(None) is None, "a tombstone"
+        assert dispatcher._to_deliver(b"not json") is None
+    finally:
+        await dispatcher.stop()
+
+
 # --- the URL guard ----------------------------------------------------------------------
 
 
@@ -261,6 +349,30 @@ async def test_non_public_and_odd_webhook_urls_are_refused(
     with pytest.raises(WebhookRefused, match=needle) as refused:
         await guard.check_submission(url)
     assert refused.value.http_status == 400
+
+
+async def test_refusals_are_worded_for_webhooks() -> None:
+    """Each message says what a webhook is refused for, never what fetching would say."""
+    guard = WebhookGuard(enabled(), resolver_to("10.0.0.7"))
+    with pytest.raises(WebhookRefused) as refused:
+        await guard.check_submission("http://hooks.internal/x")
+    assert refused.value.detail == (
+        "webhook_url refused: refusing to call hooks.internal (10.0.0.7): a private address"
+    )
+
+    async def broken(host: str, port: int) -> list[IPAddress]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    for url, resolver, expected in [
+        ("http://hooks.example/x", broken, "webhook_url refused: cannot resolve 'hooks.example'"),
+        ("http://hooks.invalid/x", resolver_to(), "webhook_url refused: unknown host"),
+        ("gopher://hooks.example/x", broken, "webhook_url must be http or https"),
+    ]:
+        with pytest.raises(WebhookRefused) as refused:
+            await WebhookGuard(enabled(), resolver).check_submission(url)
+        assert refused.value.detail.startswith(expected)
+        assert "fetch" not in refused.value.detail
+        assert refused.value.http_status == 400
 
 
 async def test_the_allow_list_admits_loopback_but_never_metadata() -> None:

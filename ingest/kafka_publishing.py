@@ -1,14 +1,15 @@
-"""`JobPublisher` on an aiokafka producer."""
+"""`JobPublisher` and `CaptionCache` (ingest.submission) on an aiokafka producer: how
+the gateway and bulk ingest put a job on Kafka."""
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from captionstream.errors import KafkaAccessDenied
-from gateway.view import JobView
 from schemas.events import CaptionProduced, ImageSubmitted, JobCancelRequested, JobState, utcnow
 from schemas.topics import TOPICS
 
@@ -63,16 +64,21 @@ class KafkaJobPublisher:
             raise
 
 
-class KafkaCaptionCache:
-    """`CaptionCache` on the gateway's job view (which indexes SUCCESS states by cache
-    key) and its producer."""
+class CaptionIndex(Protocol):
+    """SUCCESS states by caption-cache key (the gateway's `JobView` is one)."""
 
-    def __init__(self, view: JobView, producer: AIOKafkaProducer) -> None:
-        self.view = view
+    def find_cached(self, cache_key: str) -> JobState | None: ...
+
+
+class KafkaCaptionCache:
+    """`CaptionCache` on an index of finished jobs and a producer."""
+
+    def __init__(self, index: CaptionIndex, producer: AIOKafkaProducer) -> None:
+        self.index = index
         self.producer = producer
 
     def lookup(self, cache_key: str) -> JobState | None:
-        return self.view.find_cached(cache_key)
+        return self.index.find_cached(cache_key)
 
     async def publish_hit(self, state: JobState, event: CaptionProduced) -> None:
         key = state.job_id.encode()
