@@ -1,4 +1,5 @@
-"""The FastAPI application: resources are created in the lifespan and live on app.state."""
+"""The FastAPI application: the lifespan builds a `GatewayState` (gateway.state), the one
+thing the routes read from `app.state`, and connects it to Kafka."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -20,14 +19,15 @@ from captionstream.kafka import KafkaConnection, ensure_topics, own_topics
 from captionstream.settings import GatewaySettings
 from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
-from gateway.publisher import KafkaCaptionCache, KafkaJobPublisher
-from gateway.readiness import NotConnected, Readiness
+from gateway.readiness import Readiness
 from gateway.routes import demo, health, jobs, metrics
 from gateway.security import api_router_options, install_security
+from gateway.state import GatewayState, KafkaSide
 from gateway.view import JobStateFollower, JobView
 from gateway.webhooks import WebhookDispatcher, WebhookGuard, WebhookSender
 from ingest.blobstore import open_blob_store
 from ingest.fetch import FetchPolicy, ImageFetcher
+from ingest.kafka_publishing import KafkaCaptionCache, KafkaJobPublisher
 from ingest.validation import ImageLimits, allow_pixels
 from schemas.events import JobState, utcnow
 from schemas.topics import TOPICS
@@ -54,42 +54,23 @@ async def sweep_expired_jobs(
                     log.warning("could not expire job %s: %r", state.job_id, exc)
 
 
-@dataclass
-class KafkaSide:
-    """What the gateway holds open on Kafka: its producer, the job view's follower, the
-    webhook dispatcher and the TTL sweeper."""
-
-    producer: AIOKafkaProducer
-    follower: JobStateFollower
-    dispatcher: WebhookDispatcher | None
-    sweeper: asyncio.Task[None]
-
-    async def close(self) -> None:
-        self.sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.sweeper
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-        await self.follower.stop()
-        await self.producer.stop()
-
-
-async def open_kafka_side(app: FastAPI, settings: GatewaySettings, view: JobView) -> KafkaSide:
+async def open_kafka_side(state: GatewayState) -> KafkaSide:
     """Check the topics, start the producer, rebuild the job view, start webhooks and the
-    sweeper; then put them on `app.state`. What started is stopped again on failure."""
+    sweeper. What started is stopped again on failure."""
+    settings = state.settings
     kafka = KafkaConnection.from_settings(settings, "gateway")
     await ensure_topics(
         kafka, own_topics(settings.partitions), replication_factor=settings.replication_factor
     )
     # A submit waits at most kafka_timeout_s for Kafka before answering 503.
     producer = kafka.producer(request_timeout_s=settings.kafka_timeout_s)
-    follower = JobStateFollower(view, kafka, TOPICS.job_state.name)
+    follower = JobStateFollower(state.view, kafka, TOPICS.job_state.name)
     dispatcher: WebhookDispatcher | None = None
     try:
         await producer.start()
         await follower.start(settings.view_catch_up_timeout_s)
         if settings.webhooks_enabled:
-            sender = WebhookSender(settings, app.state.webhooks, app.state.metrics)
+            sender = WebhookSender(settings, state.webhooks, state.metrics)
             dispatcher = WebhookDispatcher(settings, kafka, TOPICS.job_state.name, sender)
             await dispatcher.start()
         else:
@@ -103,32 +84,35 @@ async def open_kafka_side(app: FastAPI, settings: GatewaySettings, view: JobView
             raise BrokerError(f"Kafka failed while the gateway started: {exc!r}") from exc
         raise
     publisher = KafkaJobPublisher(producer)
-    sweeper = asyncio.create_task(sweep_expired_jobs(view, publisher, settings), name="ttl-sweep")
-    app.state.follower = follower
-    app.state.cache = KafkaCaptionCache(view, producer) if settings.caption_cache else None
-    app.state.readiness = Readiness(producer.client, follower, settings.readiness_timeout_s)
-    app.state.publisher = publisher
-    app.state.kafka_connected = True  # last: the routes take this as "connected"
-    return KafkaSide(producer, follower, dispatcher, sweeper)
+    return KafkaSide(
+        producer=producer,
+        publisher=publisher,
+        cache=KafkaCaptionCache(state.view, producer) if settings.caption_cache else None,
+        follower=follower,
+        readiness=Readiness(producer.client, follower, settings.readiness_timeout_s),
+        dispatcher=dispatcher,
+        sweeper=asyncio.create_task(
+            sweep_expired_jobs(state.view, publisher, settings), name="ttl-sweep"
+        ),
+    )
 
 
-async def keep_connecting(app: FastAPI, settings: GatewaySettings, view: JobView) -> KafkaSide:
-    """Try again, backing off to 30 s, until the Kafka side opens; each new cause is
-    logged and shown by /readyz and the 503s meanwhile."""
+async def keep_connecting(state: GatewayState) -> None:
+    """Try again, backing off to 30 s, until the Kafka side opens (`state.kafka`: from
+    then on the routes take the gateway as connected); each new cause is logged and
+    shown by /readyz and the 503s meanwhile."""
     delay = 1.0
-    while True:
+    while state.kafka is None:
         await asyncio.sleep(delay)
         try:
-            side = await open_kafka_side(app, settings, view)
+            state.kafka = await open_kafka_side(state)
         except BrokerError as exc:
-            if exc.detail != app.state.kafka_problem:
+            if exc.detail != state.kafka_problem:
                 log.error("still not connected to Kafka: %s", exc.detail)
-            app.state.kafka_problem = exc.detail
+            state.kafka_problem = exc.detail
             delay = min(30.0, delay * 2)
-            continue
-        app.state.kafka_problem = None
-        log.info("connected to Kafka; ready")
-        return side
+    state.kafka_problem = None
+    log.info("connected to Kafka; ready")
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -140,49 +124,45 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await asyncio.to_thread(blobs.check)
         view = JobView()
         app_metrics = GatewayMetrics(view)
+        fetcher = ImageFetcher(FetchPolicy.from_settings(settings))
+        state = GatewayState(
+            settings=settings,
+            view=view,
+            metrics=app_metrics,
+            blobs=blobs,
+            fetcher=fetcher,
+            limits=ImageLimits.from_settings(settings),
+            webhooks=WebhookGuard(settings),
+        )
 
-        def observe_terminal(state: JobState) -> None:
+        def observe_terminal(job: JobState) -> None:
             # Only live completions: states replayed while rebuilding the view finished
             # long ago and were already counted by the replica that saw them happen.
-            follower: JobStateFollower | None = getattr(app.state, "follower", None)
-            if follower is not None and follower.caught_up.is_set():
-                app_metrics.observe_terminal(state)
+            if state.kafka is not None and state.kafka.follower.caught_up.is_set():
+                app_metrics.observe_terminal(job)
 
         view.terminal_listeners.append(observe_terminal)
-        fetcher = ImageFetcher(FetchPolicy.from_settings(settings))
-        app.state.settings = settings
-        app.state.view = view
-        app.state.metrics = app_metrics
-        app.state.blobs = blobs
-        app.state.fetcher = fetcher
-        app.state.limits = ImageLimits.from_settings(settings)
-        app.state.webhooks = WebhookGuard(settings)
-        app.state.kafka_connected = False
-        app.state.kafka_problem = None
-        side: KafkaSide | None = None
-        connecting: asyncio.Task[KafkaSide] | None = None
+        app.state.gateway = state
+        connecting: asyncio.Task[None] | None = None
         try:
             try:
-                side = await open_kafka_side(app, settings, view)
+                state.kafka = await open_kafka_side(state)
             except BrokerError as exc:
                 # Kafka unreachable, or refusing these credentials: serve unready (liveness
                 # stays up; /readyz and submits answer 503 with the cause) and keep trying,
                 # rather than exit into a restart loop. A wrong setting elsewhere (a topic
                 # unlike the plan, a bad blob store) still stops start-up.
                 log.error("not connected to Kafka: %s; serving unready, retrying", exc.detail)
-                app.state.kafka_problem = exc.detail
-                app.state.readiness = NotConnected(lambda: app.state.kafka_problem)
-                connecting = asyncio.create_task(
-                    keep_connecting(app, settings, view), name="kafka-connect"
-                )
+                state.kafka_problem = exc.detail
+                connecting = asyncio.create_task(keep_connecting(state), name="kafka-connect")
             yield
         finally:
             if connecting is not None:
                 connecting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    side = await connecting
-            if side is not None:
-                await side.close()
+                    await connecting
+            if state.kafka is not None:
+                await state.kafka.close()
             await fetcher.aclose()
             blobs.close()
 

@@ -113,8 +113,9 @@ class GatewayMetrics:
 class HttpMetricsMiddleware:
     """Counts and times every HTTP request by route template (pure ASGI: streaming-safe).
 
-    Reads the metrics from `app.state.metrics`, which the lifespan creates; requests
-    served without it (none in practice) are simply not counted. The `route` label is
+    Reads the metrics from the app's `GatewayState` (`app.state.gateway.metrics`), which
+    the lifespan creates; requests served without it (none in practice) are simply not
+    counted. The `route` label is
     the matched route's `path`: routers must carry their prefix themselves
     (`APIRouter(prefix=...)`), because a prefix given to `include_router` is not part of
     `route.path` in current FastAPI.
@@ -126,7 +127,8 @@ class HttpMetricsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics: GatewayMetrics | None = None
         if scope["type"] == "http" and "app" in scope:
-            metrics = getattr(scope["app"].state, "metrics", None)
+            gateway = getattr(scope["app"].state, "gateway", None)
+            metrics = getattr(gateway, "metrics", None)
         if metrics is None:
             await self.app(scope, receive, send)
             return

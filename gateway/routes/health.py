@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
-from gateway.deps import ReadinessDep
+from gateway.deps import GatewayDep
 from schemas.api import NotReadyResponse, ReadinessResponse
 
 router = APIRouter(tags=["health"])
@@ -25,9 +25,9 @@ async def healthz() -> dict[str, str]:
     response_model=ReadinessResponse,
     responses={503: {"model": NotReadyResponse}},
 )
-async def readyz(readiness: ReadinessDep) -> ReadinessResponse | JSONResponse:
+async def readyz(gateway: GatewayDep) -> ReadinessResponse | JSONResponse:
     """Readiness: Kafka answers a metadata request and the job view has caught up."""
-    checks = await readiness.checks()
+    checks = await gateway.readiness.checks()
     by_name = {check.name: check.detail for check in checks}
     failing = [check for check in checks if not check.ok]
     if failing:

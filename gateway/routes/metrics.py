@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from gateway.deps import MetricsDep
+from gateway.deps import GatewayDep
 
 router = APIRouter(tags=["operations"])
 
@@ -25,7 +25,7 @@ router = APIRouter(tags=["operations"])
         }
     },
 )
-async def metrics(app_metrics: MetricsDep) -> Response:
+async def metrics(gateway: GatewayDep) -> Response:
     """Prometheus metrics: HTTP traffic, jobs submitted, the job view, WebSockets."""
-    body, content_type = app_metrics.exposition()
+    body, content_type = gateway.metrics.exposition()
     return Response(body, media_type=content_type)

@@ -4,6 +4,7 @@ through prometheus-client's own registry and a real ASGI app (no broker needed).
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException
@@ -107,7 +108,7 @@ async def test_middleware_counts_by_route_template_method_and_status() -> None:
     app = FastAPI()
     app.add_middleware(HttpMetricsMiddleware)
     metrics = GatewayMetrics(JobView())
-    app.state.metrics = metrics
+    app.state.gateway = SimpleNamespace(metrics=metrics)  # as GatewayState holds them
 
     @app.get("/items/{item_id}")
     async def item(item_id: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """`GET /api/v1/status/{job_id}`: `Retry-After` while a job is unfinished, and `?wait=N`
 held on the job view's change subscription until the job finishes or N seconds pass.
-The real gateway app (no lifespan, so no Kafka) over a real `JobView`."""
+The real gateway app (no lifespan, so no Kafka) over a real `JobView`, given to the routes
+in place of the connected gateway's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from fastapi import FastAPI
 
 from captionstream.settings import GatewaySettings
 from gateway.app import create_app
-from gateway.routes.jobs import STATUS_RETRY_AFTER_S, STATUS_WAIT_MAX_S
+from gateway.deps import job_view
+from gateway.push import STATUS_RETRY_AFTER_S, STATUS_WAIT_MAX_S
 from gateway.view import JobView
 from schemas.events import JobState, JobStatus, utcnow
 from tests.unit.uvicorn_server import serving
@@ -49,7 +51,7 @@ def view() -> CountingView:
 @pytest.fixture
 def app(view: CountingView) -> FastAPI:
     app = create_app(GatewaySettings())
-    app.state.view = view
+    app.dependency_overrides[job_view] = lambda: view
     return app
 
 
