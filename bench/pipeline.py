@@ -15,8 +15,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer
 
+from bench.harness import Component, spawn_part
 from bench.stats import JobTimes, PairedRound, PipelineRun, group_batches, stage_medians
 from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from captionstream.apache_kafka import KAFKA_VERSION, ApacheKafkaCluster
@@ -44,8 +43,6 @@ from schemas.events import (
 from schemas.topics import TOPICS
 
 Progress = Callable[[str], None]
-
-WORKER_READY = "[^Worker]: Ready"
 
 # What each broker is, in the report.
 BROKER_TITLES = {
@@ -73,34 +70,16 @@ def broker_pids(broker: Broker) -> dict[str, int]:
 
 
 @dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-@dataclass
 class Stack:
     broker: Broker
-    worker: Process
-    gateway: Process
-    gateway_url: str
+    worker: Component
+    gateway: Component
     run_dir: Path
+
+    @property
+    def gateway_url(self) -> str:
+        assert self.gateway.url is not None
+        return self.gateway.url
 
     @property
     def pids(self) -> list[int]:
@@ -108,29 +87,10 @@ class Stack:
 
     def components(self) -> dict[str, int]:
         """Process ids by role, this benchmark's own process included."""
-        pids = {"worker": self.worker.popen.pid, "gateway": self.gateway.popen.pid}
+        pids = {"worker": self.worker.pid, "gateway": self.gateway.pid}
         pids.update(broker_pids(self.broker))
         pids["benchmark clients"] = os.getpid()
         return pids
-
-
-def _wait_until(
-    what: str, done: Callable[[], bool], alive: Callable[[], bool], timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if not alive():
-            raise RuntimeError(f"{what}: the process exited")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @contextmanager
@@ -175,20 +135,17 @@ def running_stack(
     """Broker, worker and gateway, ready; all stopped on exit (an exception, Ctrl-C or a
     SIGTERM that raises included)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"pipeline-{broker.value}-", dir=cache_dir))
-    processes: list[Process] = []
+    processes: list[Component] = []
     running: Broker | None = None
 
-    def spawn(part: str, env: Mapping[str, str]) -> Process:
-        log_path = run_dir / f"{part}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "captionstream", part],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                preexec_fn=child_preexec(),  # gone with this process, even if killed
-            )
-        process = Process(part, popen, log_path)
+    def spawn(part: str, env: Mapping[str, str], port: int) -> Component:
+        process = spawn_part(
+            part,
+            env=env,
+            log_path=run_dir / f"{part}.log",
+            url=f"http://127.0.0.1:{port}",
+            preexec_fn=child_preexec(),  # gone with this process, even if killed
+        )
         processes.append(process)
         return process
 
@@ -210,27 +167,31 @@ def running_stack(
             "HF_HUB_OFFLINE": "1",
         }
         progress(f"pipeline: broker on {running.bootstrap}; starting worker and gateway")
-        worker = spawn("worker", {**env, **(worker_env or {})})
+        port = free_port()  # the worker's /readyz comes with its metrics port
+        worker = spawn(
+            "worker", {**env, **(worker_env or {}), "CAPTIONSTREAM_METRICS_PORT": str(port)}, port
+        )
         port = free_port()
         gateway = spawn(
-            "gateway", {**env, "CAPTIONSTREAM_HOST": "127.0.0.1", "CAPTIONSTREAM_PORT": str(port)}
+            "gateway",
+            {**env, "CAPTIONSTREAM_HOST": "127.0.0.1", "CAPTIONSTREAM_PORT": str(port)},
+            port,
         )
-        url = f"http://127.0.0.1:{port}"
-        _wait_until("worker", lambda: WORKER_READY in worker.log(), worker.alive, 600)
-        _wait_until("gateway", lambda: _healthy(url), gateway.alive, 120)
+        worker.wait_ready(600)
+        gateway.wait_ready(120)
         progress("pipeline: worker and gateway ready")
-        yield Stack(running, worker, gateway, url, run_dir)
+        yield Stack(running, worker, gateway, run_dir)
     except Exception:  # not on Ctrl-C / SIGTERM: just stop
         failed = True
         progress(f"pipeline failed; logs kept in {run_dir}")
         for process in processes:
             progress(f"--- last lines of the {process.name} log ({process.log_path}) ---")
-            progress("\n".join(process.log().splitlines()[-30:]))
+            progress(process.tail(30))
         raise
     finally:
         with _signals_held():
             for process in reversed(processes):
-                process.stop()
+                process.stop(timeout_s=30)
             if running is not None:
                 running.stop()
         if not failed and not keep:

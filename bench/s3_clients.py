@@ -32,20 +32,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.console import progress, publish_report
+from bench.harness import MOTO_KEY, MOTO_REGION, s3_server
 from bench.system import CpuMeter, cpu_model_from_cpuinfo
-from captionstream.broker import free_port, port_open
 
 ROOT = Path(__file__).resolve().parent
 BUCKET = "bench"
-REGION = "us-east-1"
-CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+REGION = MOTO_REGION
+CREDENTIALS = {"aws_access_key_id": MOTO_KEY, "aws_secret_access_key": MOTO_KEY}
 IMAGE_BYTES = 200_000
 CONCURRENCY = 8
 # What each candidate adds to an install beyond the project's own dependencies (aiohttp,
@@ -187,34 +186,6 @@ STARTUP_CODE = {
 }
 
 
-@contextmanager
-def moto_server(log: Path) -> Iterator[tuple[str, int]]:
-    """A moto S3 server in its own process, with the bucket; yields its endpoint and
-    process id."""
-    import boto3
-
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not port_open("127.0.0.1", port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, **CREDENTIALS)
-        s3.create_bucket(Bucket=BUCKET)
-        yield endpoint, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def installed_mb(distributions: tuple[str, ...]) -> float:
     total = 0
     for name in distributions:
@@ -337,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with (
         tempfile.TemporaryDirectory() as tmp,
-        moto_server(Path(tmp) / "moto.log") as (endpoint, pid),
+        s3_server(Path(tmp) / "moto.log", bucket=BUCKET) as moto,
     ):
         for name in CANDIDATES:
             if name in missing:
                 progress(f"{name}: {missing[name]}")
                 continue
             progress(f"{name}: {args.rounds} round trips each way")
-            result = asyncio.run(measure(name, endpoint, pid, args.rounds, image))
+            result = asyncio.run(measure(name, moto.endpoint, moto.pid, args.rounds, image))
             result.startup_ms = startup_ms(name)
             result.added_mb = installed_mb(ADDED_DISTRIBUTIONS[name])
             results.append(result)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import s3_server
 from captionstream.apache_kafka import ApacheKafkaCluster
 from captionstream.broker import EmbeddedBroker, free_port
-from tests.integration.stack import Component, Stack
+from tests.integration.stack import Component, Stack, own_stack
 
 BROKER_KINDS = ("embedded", "apache")
 
@@ -24,6 +25,9 @@ BROKER_KINDS = ("embedded", "apache")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "brokers(*kinds): run the test on each broker kind (embedded, apache)"
+    )
+    config.addinivalue_line(
+        "markers", "durable_stack_env(**env): settings for every component of `durable_stack`"
     )
 
 
@@ -128,6 +132,21 @@ def stack(
 def worker(stack: Stack) -> Component:
     """One processor worker shared by the session (tests use distinct jobs)."""
     return stack.start_worker()
+
+
+@pytest.fixture
+def durable_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A stack of its own whose embedded broker keeps everything on a local S3 server
+    (moto): `stack.broker` can be killed and started again without losing topics, records
+    or committed offsets. `@pytest.mark.durable_stack_env(NAME="value")` on a test adds
+    settings for its components (a slow captioner, say)."""
+    marker = request.node.get_closest_marker("durable_stack_env")
+    env: dict[str, str] = {} if marker is None else dict(marker.kwargs)
+    root = tmp_path_factory.mktemp(f"durable-{request.path.stem}")
+    with s3_server(root / "moto.log") as s3, own_stack(root, s3=s3, **env) as stack:
+        yield stack
 
 
 # A real Apache Kafka (JVMs from Maven Central jars, captionstream.apache_kafka): the

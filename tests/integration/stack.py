@@ -1,7 +1,8 @@
 """Real processes for integration tests: the embedded broker, workers and gateways.
 
 Each component runs as its own `captionstream` process, exactly as in production; tests
-talk to them over HTTP, WebSocket and the Kafka protocol.
+talk to them over HTTP, WebSocket and the Kafka protocol. Spawning, readiness and stopping
+are bench/harness.py's, shared with the benchmark.
 """
 
 from __future__ import annotations
@@ -9,16 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,51 +23,15 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import Component, S3Server, answers_ok, spawn_part, wait_until
 from captionstream.apache_kafka import ApacheKafkaCluster
-from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port, port_open, s3_env
+from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port
 from captionstream.kafka import KafkaConnection, assign_whole_topic, fetch_highwaters
 from captionstream.settings import KafkaProfile
 from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
 from schemas.topics import TOPICS
-from tests.conftest import make_png
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1
-) -> None:
-    """Ask `predicate` every `interval_s` until it holds (a costly predicate, such as
-    hundreds of status requests, asks less often: it shares the cores with the stack)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-@dataclass
-class Component:
-    """One `captionstream <part>` process with its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str | None = None  # its HTTP endpoint, when it has one
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+from tests.helpers.images import make_png
+from tests.helpers.jobs import TERMINAL
 
 
 @dataclass
@@ -116,16 +76,9 @@ class Stack:
             env.setdefault("CAPTIONSTREAM_TORCH_THREADS", "1")
         return env
 
-    def spawn(self, part: str, *args: str, **env: str) -> Component:
+    def spawn(self, part: str, *args: str, url: str | None = None, **env: str) -> Component:
         log_path = self.log_dir / f"{part}-{len(self.components)}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "captionstream", part, *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env(**env),
-            )
-        component = Component(part, proc, log_path)
+        component = spawn_part(part, *args, env=self.env(**env), log_path=log_path, url=url)
         self.components.append(component)
         return component
 
@@ -139,31 +92,24 @@ class Stack:
         workers = []
         for _ in range(count):
             port = free_port()
-            worker = self.spawn("worker", CAPTIONSTREAM_METRICS_PORT=str(port), **env)
-            worker.url = f"http://127.0.0.1:{port}"
-            workers.append(worker)
-        for worker in workers:
-            wait_until(
-                lambda w=worker: "[^Worker]: Ready" in w.log() or not w.alive(),
-                timeout_s,
-                "the worker to become ready",
+            url = f"http://127.0.0.1:{port}"
+            workers.append(
+                self.spawn("worker", url=url, CAPTIONSTREAM_METRICS_PORT=str(port), **env)
             )
-            assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
+        for worker in workers:
+            worker.wait_ready(timeout_s)
         return workers
 
-    def start_gateway(self, timeout_s: float = 60, port: int | None = None, **env: str) -> Gateway:
-        """A gateway on `port` (default: a free one); `env` adds settings for this gateway
-        only."""
+    def start_gateway(
+        self, timeout_s: float = 60, port: int | None = None, ready: bool = True, **env: str
+    ) -> Gateway:
+        """A gateway on `port` (default: a free one), ready (`ready=False`: serving, for
+        one that cannot reach its Kafka); `env` adds settings for this gateway only."""
         port = port or free_port()
-        component = self.spawn("gateway", CAPTIONSTREAM_PORT=str(port), **env)
-        gateway = Gateway(f"http://127.0.0.1:{port}", component)
-        wait_until(
-            lambda: gateway.healthy() or not component.alive(),
-            timeout_s,
-            "the gateway to answer /healthz",
-        )
-        assert component.alive(), f"gateway died:\n{component.log()[-3000:]}"
-        return gateway
+        url = f"http://127.0.0.1:{port}"
+        component = self.spawn("gateway", url=url, CAPTIONSTREAM_PORT=str(port), **env)
+        component.wait_ready(timeout_s, "/readyz" if ready else "/healthz")
+        return Gateway(url, component)
 
     def stop_all(self) -> None:
         for component in reversed(self.components):
@@ -180,10 +126,7 @@ class Gateway:
         return self.url.replace("http://", "ws://", 1)
 
     def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_ok(f"{self.url}/healthz")
 
     def upload(self, data: bytes, filename: str = "image.png") -> httpx.Response:
         return httpx.post(f"{self.url}/api/v1/upload", files={"file": (filename, data)}, timeout=30)
@@ -198,7 +141,7 @@ class Gateway:
             nonlocal body
             response = self.status(job_id)
             body = response.json() if response.status_code == 200 else {}
-            return body.get("status") in ("SUCCESS", "FAILURE")
+            return body.get("status") in TERMINAL
 
         wait_until(done, timeout_s, f"job {job_id} to finish")
         return body
@@ -248,8 +191,7 @@ async def sigkill_mid_batch(
     )
     inflight = (data_dir or stack.data_dir) / f"inflight-{worker.proc.pid}"
     await asyncio.to_thread(wait_until, inflight.exists, 30, "the worker mid-batch", 0.02)
-    worker.proc.send_signal(signal.SIGKILL)
-    worker.proc.wait()
+    worker.kill()
 
 
 async def all_succeed(
@@ -260,7 +202,7 @@ async def all_succeed(
 
     def unfinished() -> int:
         views = asyncio.run(gateway.statuses(job_ids))
-        return sum(v["status"] not in ("SUCCESS", "FAILURE") for v in views.values())
+        return sum(v["status"] not in TERMINAL for v in views.values())
 
     await asyncio.to_thread(wait_until, lambda: unfinished() == 0, timeout_s, "every job", 1.0)
     views = await gateway.statuses(job_ids)
@@ -339,86 +281,6 @@ async def check_one_caption_per_job(
 
 def new_port() -> int:
     return free_port()
-
-
-@dataclass
-class S3Server:
-    """A local S3-compatible server (moto) in a process of its own, holding one bucket."""
-
-    endpoint: str
-    bucket: str
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def storage(self) -> str:
-        return f"s3://{self.bucket}/"
-
-    def tansu_env(self) -> dict[str, str]:
-        # moto takes any key; Tansu insists on having one.
-        return s3_env(self.endpoint, "test", "test", "us-east-1")
-
-    def enforce_auth(self) -> dict[str, str]:
-        """Make moto check every request's signature and rights from now on (it takes any
-        key until then); returns the environment of an access key allowed all of S3.
-        The "test" key of `tansu_env` is refused afterwards."""
-        import boto3
-
-        iam = boto3.client(
-            "iam",
-            endpoint_url=self.endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        )
-        iam.create_user(UserName="captionstream")
-        allow_s3 = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
-        iam.put_user_policy(
-            UserName="captionstream",
-            PolicyName="s3",
-            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [allow_s3]}),
-        )
-        key = iam.create_access_key(UserName="captionstream")["AccessKey"]
-        httpx.post(f"{self.endpoint}/moto-api/reset-auth", content=b"0").raise_for_status()
-        return {
-            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-
-@contextlib.contextmanager
-def s3_server(log_path: Path, bucket: str = "tansu") -> Iterator[S3Server]:
-    """Start `moto_server` on a free port, create `bucket`; stopped on exit."""
-    import boto3  # comes with moto[server] (dev extras)
-
-    port = free_port()
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until(
-            lambda: port_open("127.0.0.1", port) or proc.poll() is not None, 30, "moto_server"
-        )
-        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-        server = S3Server(f"http://127.0.0.1:{port}", bucket, proc)
-        boto3.client(
-            "s3",
-            endpoint_url=server.endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        ).create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from schemathesis.checks import not_a_server_error
 from captionstream.settings import GatewaySettings
 from gateway.app import create_app
 from ingest.fetch import refusal_reason
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 
 # Where fuzzed image URLs are pointed instead of their own host: TEST-NET-1, a

@@ -20,7 +20,7 @@ from captionstream.kafka import (
 )
 from captionstream.settings import KafkaProfile
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Stack, wait_until
 
 
@@ -51,7 +51,7 @@ def test_a_gateway_started_before_its_kafka_becomes_ready_when_kafka_comes(
     """Kafka not there yet (it starts after the gateway, or is down): the gateway serves
     unready, with the cause, instead of exiting, and becomes ready once Kafka answers."""
     port = free_port()
-    gateway = stack.start_gateway(CAPTIONSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
+    gateway = stack.start_gateway(ready=False, CAPTIONSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
     ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
     assert ready.status_code == 503
     assert "nothing listens there" in ready.json()["detail"]

@@ -29,7 +29,7 @@ import pytest
 from captionstream.apache_kafka import ApacheKafkaCluster
 from schemas.events import JobStatus, decode_caption_event, decode_job_state
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.apache import wait_for_partitions
 from tests.integration.stack import (
     Gateway,

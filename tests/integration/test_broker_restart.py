@@ -11,42 +11,22 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
+from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import (
     Gateway,
     Stack,
     check_one_caption_per_job,
-    own_stack,
     read_topic,
-    s3_server,
     wait_until,
 )
 
 JOBS = 40
-TERMINAL = ("SUCCESS", "FAILURE")
-
-
-@pytest.fixture
-def durable_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("durable")
-    with (
-        s3_server(root / "moto.log") as s3,
-        own_stack(
-            root,
-            s3=s3,
-            # Slow enough that the broker dies with jobs in flight.
-            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
-            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.1",
-            CAPTIONSTREAM_MAX_BATCH_SIZE="4",
-        ) as stack,
-    ):
-        yield stack
 
 
 def image(i: int) -> bytes:
@@ -63,6 +43,12 @@ def finished(gateway: Gateway, job_ids: list[str]) -> int:
     return sum(v.get("status") in TERMINAL for v in views.values())
 
 
+@pytest.mark.durable_stack_env(
+    # Slow enough that the broker dies with jobs in flight.
+    CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+    CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0.1",
+    CAPTIONSTREAM_MAX_BATCH_SIZE="4",
+)
 async def test_broker_sigkill_and_restart_loses_no_accepted_job(durable_stack: Stack) -> None:
     stack = durable_stack
     broker = stack.broker
@@ -135,7 +121,7 @@ async def test_broker_sigkill_and_restart_loses_no_accepted_job(durable_stack: S
     assert set(captions) == set(accepted), "captions for exactly the accepted jobs"
 
     # A gateway started now has rebuilt its whole view before it serves.
-    fresh = stack.start_gateway()
+    fresh = stack.start_gateway(ready=False)  # as soon as it serves, not once ready
     assert await fresh.statuses(accepted) == views
 
     # The refused submits were not half-accepted: no image event, no job state.

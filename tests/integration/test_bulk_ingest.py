@@ -178,6 +178,11 @@ def test_ctrl_c_then_rerun_finishes_without_redoing_anything(
 def test_tail_prints_new_caption_events_and_the_topic_from_the_beginning(
     stack: Stack, worker: Component, tmp_path: Path
 ) -> None:
+    # One caption older than the tail, so that the topic holds at least three events
+    # whichever tests ran before on this stack (none may have).
+    unique_image(tmp_path / "earlier" / "0.png")
+    earlier = ingest(stack, str(tmp_path / "earlier"), "--out", str(tmp_path / "earlier.jsonl"))
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
     log_path = tmp_path / "tail.log"
     with open(log_path, "wb") as log:
         tail = subprocess.Popen(

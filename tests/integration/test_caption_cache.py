@@ -8,7 +8,7 @@ import httpx
 
 from schemas.events import CaptionProduced, decode_caption_event
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Stack, read_topic
 
 

@@ -18,7 +18,7 @@ import websockets
 from captionstream.broker import free_port
 from schemas.events import decode_caption_event
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Gateway, wait_until
 
 

@@ -5,7 +5,7 @@ job's FAILURE with its reason.
 
 The topic is compacted (cleanup.policy=compact), so this is what any gateway started
 after the cleaner ran sees in production. It holds because a gateway writes a job's
-PENDING state before its image event (gateway/publisher.py), so the record compaction
+PENDING state before its image event (ingest/kafka_publishing.py), so the record compaction
 keeps, the last, is the job's latest state. Apache Kafka only: the cleaner is its own.
 """
 
@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.events import decode_job_state
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.apache import create_topic
 from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE
 from tests.integration.stack import Stack, own_stack, read_topic, wait_until

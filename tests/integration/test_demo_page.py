@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack
 
 if TYPE_CHECKING:

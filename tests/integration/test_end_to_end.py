@@ -17,7 +17,7 @@ from schemas.events import (
     utcnow,
 )
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Stack, read_topic
 
 pytestmark = pytest.mark.brokers("embedded", "apache")

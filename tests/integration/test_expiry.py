@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Stack, own_stack, wait_until
 
 pytestmark = pytest.mark.brokers("embedded", "apache")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import websockets
 
-from tests.conftest import make_noise_png
+from tests.helpers.images import make_noise_png
 from tests.integration.stack import Gateway, Stack
 
 

@@ -23,13 +23,13 @@ import websockets
 from captionstream.broker import free_port
 from schemas.events import decode_job_state
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
+from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import Gateway, Stack, own_stack, read_topic
 
 pytestmark = pytest.mark.brokers("embedded", "apache")
 
 JOBS = 60
-TERMINAL = ("SUCCESS", "FAILURE")
 ORDER = ["PENDING", "STARTED", "SUCCESS"]
 
 

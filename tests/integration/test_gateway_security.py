@@ -13,7 +13,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from captionstream.broker import EmbeddedBroker, free_port
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 
 ORIGIN = "https://app.example"

@@ -12,7 +12,7 @@ import pytest
 
 from schemas.events import decode_image_submitted
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, read_topic
 
 pytestmark = pytest.mark.brokers("embedded", "apache")

@@ -39,7 +39,7 @@ from captionstream.kafka import KafkaConnection
 from captionstream.kafka.acls import Acl, component_acls, grant
 from captionstream.settings import CommonSettings, KafkaProfile
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.apache import running_cluster
 from tests.integration.stack import Component, Stack, all_succeed, read_topic, stack_on
 from tests.tls import Issued, TestCA, keystore_properties
@@ -299,7 +299,7 @@ def test_a_misconfigured_gateway_stays_unready_naming_the_cause(
     keeps trying, so fixing the broker side heals it without a restart."""
     env, cause = misconfigured(case, secured_kafka)
     started = time.monotonic()
-    gateway = secured_stack.start_gateway(60, None, **env)
+    gateway = secured_stack.start_gateway(60, None, ready=False, **env)
     seconds = time.monotonic() - started
     ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
     assert ready.status_code == 503, ready.text

@@ -20,7 +20,7 @@ import pytest
 
 from schemas.events import CaptionProduced, decode_caption_event
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, own_stack, read_topic
 
 JOBS = int(os.environ.get("CAPTIONSTREAM_LOAD_JOBS", "1000"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Stack, own_stack
 
 pytestmark = pytest.mark.brokers("embedded", "apache")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Stack, metric_samples, wait_until
 
 

@@ -9,12 +9,11 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import make_png
+from tests.helpers.images import make_png
+from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import Component, Gateway, Stack
 
 pytestmark = pytest.mark.brokers("embedded", "apache")
-
-TERMINAL = {"SUCCESS", "FAILURE"}
 
 
 @pytest.fixture(scope="module")

@@ -22,20 +22,19 @@ import boto3
 import httpx
 import pytest
 
+from bench.harness import S3Server, s3_server
 from captionstream.broker import free_port
 from captionstream.errors import BlobNotFound, BlobStoreUnavailable, ConfigurationError
 from ingest.s3_blobstore import LAST_USED, S3BlobStore
 from schemas.events import decode_job_state
 from schemas.topics import TOPICS
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import (
-    S3Server,
     Stack,
     all_succeed,
     metric_samples,
     own_stack,
     read_topic,
-    s3_server,
     serving,
     sigkill_mid_batch,
     submit_images,

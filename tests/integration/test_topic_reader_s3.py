@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench.harness import s3_server
 from captionstream.broker import EmbeddedBroker, free_port
 from captionstream.kafka import KafkaConnection, start_topic_reader
 from captionstream.settings import KafkaProfile
-from tests.integration.stack import s3_server
 
 TOPIC = "reader-test"
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas.events import ImageSubmitted, JobState, caption_event_id, utcnow
 from schemas.topics import TOPICS
 from schemas.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 
 pytestmark = pytest.mark.brokers("embedded", "apache")

@@ -19,32 +19,16 @@ import asyncio
 import shutil
 import signal
 from collections import Counter
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.topics import TOPICS
-from tests.conftest import make_png
-from tests.integration.stack import Gateway, Stack, own_stack, read_topic, s3_server
+from tests.helpers.images import make_png
+from tests.integration.stack import Gateway, Stack, read_topic
 
 JOBS_PER_ROUND = 6
-
-
-@pytest.fixture
-def durable_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("worker-restart-s3")
-    with (
-        s3_server(root / "moto.log") as s3,
-        own_stack(
-            root,
-            s3=s3,
-            CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
-            CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0",
-        ) as stack,
-    ):
-        yield stack
 
 
 async def submit_round(gateway: Gateway, first: int) -> list[str]:
@@ -83,6 +67,10 @@ async def redeliver_images(stack: Stack) -> int:
 # A soak (`make soak`): three worker starts on the embedded broker's durable storage take
 # 80-100 s; tests/unit/test_fetch_highwaters.py keeps the workaround itself in `make test`.
 @pytest.mark.soak
+@pytest.mark.durable_stack_env(
+    CAPTIONSTREAM_CAPTIONER="tests.integration.flaky:create_slow",
+    CAPTIONSTREAM_TEST_SECONDS_PER_IMAGE="0",
+)
 async def test_worker_restarts_recover_tables_on_s3_storage(durable_stack: Stack) -> None:
     stack = durable_stack
     worker = stack.start_worker()

@@ -18,7 +18,7 @@ from processor.attention import (
 )
 from processor.captioner import BlipCaptioner
 from schemas.events import GenerationOptions
-from tests.conftest import load_tiny_blip
+from tests.helpers.model import load_tiny_blip
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from processor.captioner import (
 )
 from processor.tiny_blip import TINY_BLIP
 from schemas.events import GenerationOptions
-from tests.conftest import go_offline
+from tests.helpers.model import go_offline
 
 
 @pytest.fixture(scope="module")

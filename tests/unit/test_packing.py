@@ -14,7 +14,7 @@ from processor.captioner import BlipCaptioner
 from processor.greedy import lean_greedy
 from processor.packing import PackedLinear, packing_supported, prepack_linears
 from schemas.events import GenerationOptions
-from tests.conftest import load_tiny_blip
+from tests.helpers.model import load_tiny_blip
 
 needs_ops = pytest.mark.skipif(
     not packing_supported(),

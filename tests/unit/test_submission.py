@@ -19,7 +19,7 @@ from schemas.events import (
     caption_cache_key,
     caption_event_id,
 )
-from tests.conftest import make_png
+from tests.helpers.images import make_png
 
 
 class RecordingPublisher:
