@@ -14,7 +14,7 @@ WHEELS ?= $(HOME)/.cache/captionstream/wheels
 STAMP := $(VENV)/.installed
 PIP_OFFLINE = $(BIN)/pip install -q --no-compile --no-index --find-links $(WHEELS)
 
-.PHONY: install chromium run test test-unit soak lint format schemas bench clean
+.PHONY: install chromium run test test-unit soak lint format schemas docs bench clean
 
 install: $(STAMP)
 
@@ -78,13 +78,15 @@ format: install
 schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
+# docs/configuration.md, generated from the settings classes (a unit test fails when the
+# committed page is stale).
+docs: install
+	$(BIN)/python -m captionstream.config_reference --write
+
 # A measurement, not a test: bare-model and whole-pipeline captioning speed on this machine,
-# written to bench/RESULTS.md; then the stack under clients that poll (tiny and full-size
-# model), written to bench/RESULTS-polling.md. About 30 min on 2 idle CPU cores.
-# The pipeline runs on the embedded broker, then on Apache Kafka (one node), reported
-# side by side, where Java 17+ runs (else on the embedded broker alone, saying why);
-# BENCH_ARGS="--broker embedded|apache|both" picks (Apache Kafka adds ~7 min).
-# BENCH_ARGS="--quick" for a smoke run; `$(BIN)/python -m bench --help` for the knobs.
+# written to bench/RESULTS.md; then the stack under clients that poll, written to
+# bench/RESULTS-polling.md. What it runs, how long it takes and the knobs (BENCH_ARGS):
+# `$(BIN)/python -m bench --help`; docs/performance.md.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.polling $(if $(findstring --quick,$(BENCH_ARGS)),--quick)

@@ -10,12 +10,18 @@
    latency taken from each job's caption event. Then paired rounds: one bare batch in
    this process (the worker idle), one pipeline segment (this process idle), in turn,
    so the two are compared minute by minute on a machine whose speed drifts.
-   `--broker both` (the default where Java 17+ runs) does all of this on the embedded
-   broker, then again on Apache Kafka, and compares the two side by side.
+   `--broker both` (the default where Java 17+ runs; else the embedded broker alone,
+   saying why) does all of this on the embedded broker, then again on Apache Kafka, and
+   compares the two side by side; `--broker embedded|apache` picks one.
 4. Prints the report and writes it to bench/RESULTS.md.
 
-Counts are small so a full run stays within ~15 minutes on 2 CPU cores; raise them
-with the flags (`make bench BENCH_ARGS="--batches 4 --images 96"`), or use `--quick`.
+Run time, on 2 idle CPU cores (stated here only; the Makefile and the docs point here):
+21.5 min for `--broker both` on the AVX2 AMD EPYC (fp32, bench/RESULTS.md), of which
+Apache Kafka takes about 7 (`--broker embedded` saves them); 4.0 min on the AVX512-BF16
+EPYC (bf16, embedded broker only). `make bench` then runs `python -m bench.polling` (the
+stack under polling clients, tiny and full-size model, bench/RESULTS-polling.md): about
+30 min in all on the AVX2 machine. Counts are small to keep it so; raise them with the
+flags (`make bench BENCH_ARGS="--batches 4 --images 96"`), or `--quick` for a smoke run.
 """
 
 from __future__ import annotations
