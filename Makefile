@@ -76,7 +76,7 @@ format: install
 	$(BIN)/ruff format .
 
 schemas: install
-	$(BIN)/python -m schemas.jsonschema
+	$(BIN)/python -m captionstream.schemas.jsonschema
 
 # docs/configuration.md, generated from the settings classes (a unit test fails when the
 # committed page is stale).

@@ -314,8 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     # The worker's own malloc tuning, from the same settings (and environment, which the
     # worker inherits): bare and pipeline numbers are measured under the same allocator.
+    from captionstream.processor.allocator import tune_malloc
     from captionstream.settings import ProcessorSettings
-    from processor.allocator import tune_malloc
 
     worker_settings = ProcessorSettings()
     malloc = tune_malloc(
@@ -323,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import torch
 
-    from processor.captioner import select_device
-    from processor.precision import cpu_has_native_bf16, resolve_precision
+    from captionstream.processor.captioner import select_device
+    from captionstream.processor.precision import cpu_has_native_bf16, resolve_precision
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     if threads:
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_bare:
         from transformers import BlipProcessor
 
-        from processor.captioner import input_size_of
+        from captionstream.processor.captioner import input_size_of
 
         image_processor = BlipProcessor.from_pretrained(str(model_dir)).image_processor
         input_size = input_size_of(image_processor)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from bench.stats import BarePoint, DecoderComparison
 from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
-from processor.captioner import BlipCaptioner, GenerationDefaults
-from schemas.events import GenerationOptions
+from captionstream.processor.captioner import BlipCaptioner, GenerationDefaults
+from captionstream.schemas.events import GenerationOptions
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -221,9 +221,9 @@ def captioning_variants(device: str, precision: str) -> list[Variant]:
     the worker runs here. A change that does nothing on this device and precision (packing
     off the CPU or where oneDNN cannot, fused attention where `auto` keeps eager) is left
     out."""
-    from processor.attention import VisionAttention, resolve_vision_attention
-    from processor.packing import packing_applies
-    from processor.precision import Precision
+    from captionstream.processor.attention import VisionAttention, resolve_vision_attention
+    from captionstream.processor.packing import packing_applies
+    from captionstream.processor.precision import Precision
 
     dtype = Precision(precision).dtype
     packs = packing_applies(device, dtype)

@@ -63,7 +63,7 @@ def compare_decoding(
 ) -> DecodeComparison:
     """Time `decode_rgb` + the model's image processor on `count` large JPEGs, whole and
     drafted to `input_size`, alternating, fastest of `rounds` each."""
-    from processor.pipeline import decode_rgb
+    from captionstream.processor.pipeline import decode_rgb
 
     photos = synthetic_jpegs(count, size=size, seed=4)
     best = {False: float("inf"), True: float("inf")}

@@ -32,15 +32,15 @@ from bench.system import DISTURBED_CORES, CpuMeter, minor_faults, wait_for_quiet
 from captionstream.apache_kafka import KAFKA_VERSION, ApacheKafkaCluster
 from captionstream.broker import EmbeddedBroker, child_preexec, free_port
 from captionstream.kafka import assign_whole_topic
-from captionstream.settings import BrokerKind, KafkaProfile
-from schemas.events import (
+from captionstream.schemas.events import (
     CaptionFailed,
     CaptionProduced,
     JobState,
     decode_caption_event,
     decode_job_state,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
+from captionstream.settings import BrokerKind, KafkaProfile
 
 Progress = Callable[[str], None]
 

@@ -122,14 +122,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from processor.worker import run_worker
+    from captionstream.processor.worker import run_worker
 
     run_worker(ProcessorSettings())
     return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.server import run_gateway
+    from captionstream.gateway.server import run_gateway
 
     run_gateway(GatewaySettings())
     return 0
@@ -234,8 +234,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """Submit many images straight to Kafka; results as JSON lines in --out (resumable)."""
     from pydantic import ValidationError
 
-    from ingest.bulk import BulkIngestError, run_bulk_ingest
-    from schemas.events import GenerationOptions
+    from captionstream.ingest.bulk import BulkIngestError, run_bulk_ingest
+    from captionstream.schemas.events import GenerationOptions
 
     options = None
     if args.options_json is not None:

@@ -13,7 +13,7 @@ import logging
 from typing import TextIO
 
 from captionstream.kafka import KafkaConnection, polls, start_topic_reader, stop_consumer
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -15,22 +15,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from captionstream.errors import BrokerError, CaptionstreamError
+from captionstream.gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
+from captionstream.gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
+from captionstream.gateway.readiness import Readiness
+from captionstream.gateway.routes import demo, health, jobs, metrics
+from captionstream.gateway.security import api_router_options, install_security
+from captionstream.gateway.state import GatewayState, KafkaSide
+from captionstream.gateway.view import JobStateFollower, JobView
+from captionstream.gateway.webhooks import WebhookDispatcher, WebhookGuard, WebhookSender
+from captionstream.ingest.blobstore import open_blob_store
+from captionstream.ingest.fetch import FetchPolicy, ImageFetcher
+from captionstream.ingest.kafka_publishing import KafkaCaptionCache, KafkaJobPublisher
+from captionstream.ingest.validation import ImageLimits, allow_pixels
 from captionstream.kafka import KafkaConnection, ensure_topics, own_topics
+from captionstream.schemas.events import JobState, utcnow
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import GatewaySettings
-from gateway.body_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
-from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
-from gateway.readiness import Readiness
-from gateway.routes import demo, health, jobs, metrics
-from gateway.security import api_router_options, install_security
-from gateway.state import GatewayState, KafkaSide
-from gateway.view import JobStateFollower, JobView
-from gateway.webhooks import WebhookDispatcher, WebhookGuard, WebhookSender
-from ingest.blobstore import open_blob_store
-from ingest.fetch import FetchPolicy, ImageFetcher
-from ingest.kafka_publishing import KafkaCaptionCache, KafkaJobPublisher
-from ingest.validation import ImageLimits, allow_pixels
-from schemas.events import JobState, utcnow
-from schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
 

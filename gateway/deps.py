@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.requests import HTTPConnection
 
-from gateway.security import limit_submissions
-from gateway.state import GatewayState, KafkaSide
-from gateway.view import JobView
+from captionstream.gateway.security import limit_submissions
+from captionstream.gateway.state import GatewayState, KafkaSide
+from captionstream.gateway.view import JobView
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -14,8 +14,8 @@ from typing import Annotated
 from fastapi import Header
 
 from captionstream.errors import IdempotencyConflict
-from gateway.view import JobView
-from schemas.events import GenerationOptions, JobState
+from captionstream.gateway.view import JobView
+from captionstream.schemas.events import GenerationOptions, JobState
 
 IdempotencyKey = Annotated[
     str | None,

@@ -16,14 +16,14 @@ from aiokafka.errors import KafkaError
 from fastapi import HTTPException, status
 
 from captionstream.errors import BrokerError
+from captionstream.gateway.idempotency import earlier_job
+from captionstream.gateway.routes import API_PREFIX
+from captionstream.gateway.state import GatewayState, KafkaSide
+from captionstream.gateway.view import JobView
+from captionstream.ingest.submission import submit_image
 from captionstream.logging_config import job_context
-from gateway.idempotency import earlier_job
-from gateway.routes import API_PREFIX
-from gateway.state import GatewayState, KafkaSide
-from gateway.view import JobView
-from ingest.submission import submit_image
-from schemas.api import JobAccepted
-from schemas.events import GenerationOptions, JobState, JobStatus
+from captionstream.schemas.api import JobAccepted
+from captionstream.schemas.events import GenerationOptions, JobState, JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.openapi import error_responses
+from captionstream.gateway.openapi import error_responses
 
 # What each route can answer besides its success (401 is added for every /api/v1 route
 # when API keys are on; see gateway.security.api_router_options).

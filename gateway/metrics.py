@@ -22,9 +22,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from captionstream.gateway.view import JobView
 from captionstream.observability import END_TO_END_BUCKETS
-from gateway.view import JobView
-from schemas.events import JobState, utcnow
+from captionstream.schemas.events import JobState, utcnow
 
 UNMATCHED_ROUTE = (
     "<unmatched>"  # one label for every path no route matched (no cardinality blow-up)

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.api import ErrorResponse, ValidationErrorResponse
+from captionstream.schemas.api import ErrorResponse, ValidationErrorResponse
 
 # status -> (when it is answered, an example detail)
 ERRORS: dict[int, tuple[str, str]] = {

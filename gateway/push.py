@@ -18,9 +18,9 @@ from fastapi import Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
-from gateway.view import JobView
-from schemas.api import JobStatusResponse
-from schemas.events import JobState
+from captionstream.gateway.view import JobView
+from captionstream.schemas.api import JobStatusResponse
+from captionstream.schemas.events import JobState
 
 # `?wait=` is bounded so that a held request stays well inside the read timeouts of
 # clients and proxies (often 60 s or more); a client wanting longer asks again.

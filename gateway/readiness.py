@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from gateway.view import JobStateFollower
+from captionstream.gateway.view import JobStateFollower
 
 
 @dataclass(frozen=True, slots=True)

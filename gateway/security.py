@@ -33,8 +33,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
 from captionstream.errors import ConfigurationError, RateLimited, Unauthorized
+from captionstream.gateway.openapi import error_responses
 from captionstream.settings import GatewaySettings
-from gateway.openapi import error_responses
 
 API_KEY_HEADER_NAME = "X-API-Key"
 API_KEY_QUERY_NAME = "api_key"  # WebSockets only

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uvicorn
 
+from captionstream.gateway.app import create_app
 from captionstream.logging_config import uvicorn_log_config
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
 
 
 def run_gateway(settings: GatewaySettings) -> None:

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 
 from captionstream.errors import BrokerError
+from captionstream.gateway.metrics import GatewayMetrics
+from captionstream.gateway.readiness import NotConnected, Readiness
+from captionstream.gateway.view import JobStateFollower, JobView
+from captionstream.gateway.webhooks import WebhookDispatcher, WebhookGuard
+from captionstream.ingest.blobstore import BlobStore
+from captionstream.ingest.fetch import ImageFetcher
+from captionstream.ingest.kafka_publishing import KafkaCaptionCache, KafkaJobPublisher
+from captionstream.ingest.validation import ImageLimits
 from captionstream.settings import GatewaySettings
-from gateway.metrics import GatewayMetrics
-from gateway.readiness import NotConnected, Readiness
-from gateway.view import JobStateFollower, JobView
-from gateway.webhooks import WebhookDispatcher, WebhookGuard
-from ingest.blobstore import BlobStore
-from ingest.fetch import ImageFetcher
-from ingest.kafka_publishing import KafkaCaptionCache, KafkaJobPublisher
-from ingest.validation import ImageLimits
 
 
 @dataclass(frozen=True, slots=True)

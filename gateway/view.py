@@ -23,7 +23,7 @@ from captionstream.kafka import (
     readable_end,
     stop_consumer,
 )
-from schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
+from captionstream.schemas.events import EventDecodeError, JobState, JobStatus, decode_job_state
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ def open_blob_store(settings: CommonSettings) -> BlobStore:
     if settings.blob_store is None:
         return LocalBlobStore(settings.blob_dir)
     # Imported only here: boto3 costs ~0.5 s of start-up that local users need not pay.
-    from ingest.s3_blobstore import S3BlobStore, parse_store_url
+    from captionstream.ingest.s3_blobstore import S3BlobStore, parse_store_url
 
     try:
         bucket, prefix = parse_store_url(settings.blob_store)

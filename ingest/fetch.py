@@ -32,8 +32,7 @@ from captionstream.errors import (
     ImageTooLarge,
     RefusalReason,
 )
-from captionstream.settings import IngestSettings
-from ingest.address_guard import (
+from captionstream.ingest.address_guard import (
     AddressPolicy,
     IPAddress,
     IPNetwork,
@@ -42,7 +41,8 @@ from ingest.address_guard import (
     system_resolver,
     vet_url,
 )
-from ingest.address_guard import refusal_reason as refusal_reason  # re-exported
+from captionstream.ingest.address_guard import refusal_reason as refusal_reason  # re-exported
+from captionstream.settings import IngestSettings
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "captionstream/0.1 (image fetch for captioning)"

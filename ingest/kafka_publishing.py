@@ -10,8 +10,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from captionstream.errors import KafkaAccessDenied
-from schemas.events import CaptionProduced, ImageSubmitted, JobCancelRequested, JobState, utcnow
-from schemas.topics import TOPICS
+from captionstream.schemas.events import (
+    CaptionProduced,
+    ImageSubmitted,
+    JobCancelRequested,
+    JobState,
+    utcnow,
+)
+from captionstream.schemas.topics import TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from botocore.exceptions import (
 )
 
 from captionstream.errors import BlobNotFound, BlobStoreUnavailable, ConfigurationError
-from ingest.validation import FORMATS
+from captionstream.ingest.validation import FORMATS
 
 LAST_USED = "captionstream-last-used"  # user metadata: x-amz-meta-captionstream-last-used
 CONTENT_TYPES = {extension: mime for mime, extension in FORMATS.values()}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import uuid
 from typing import Protocol
 
-from ingest.blobstore import BlobStore
-from ingest.validation import ImageLimits, validate_image
-from schemas.events import (
+from captionstream.ingest.blobstore import BlobStore
+from captionstream.ingest.validation import ImageLimits, validate_image
+from captionstream.schemas.events import (
     CaptionProduced,
     GenerationOptions,
     ImageSubmitted,

@@ -17,30 +17,35 @@ from typing import Any
 
 import faust
 
+from captionstream.ingest.blobstore import BlobStore
 from captionstream.kafka import KafkaConnection
-from captionstream.settings import ProcessingGuarantee, ProcessorSettings
-from ingest.blobstore import BlobStore
-from processor.captioner import Captioner
-from processor.faust_adapters import ControlRequestSender, TableStateStore, TopicSink, send_acked
-from processor.inference import InferenceThread
-from processor.job_control import JobControlHandler, request_expiries
-from processor.observability import ProcessorMetrics, readiness, record_consumer_lag
-from processor.pipeline import (
+from captionstream.processor.captioner import Captioner
+from captionstream.processor.faust_adapters import (
+    ControlRequestSender,
+    TableStateStore,
+    TopicSink,
+    send_acked,
+)
+from captionstream.processor.inference import InferenceThread
+from captionstream.processor.job_control import JobControlHandler, request_expiries
+from captionstream.processor.observability import ProcessorMetrics, readiness, record_consumer_lag
+from captionstream.processor.pipeline import (
     Delivery,
     RetryPolicy,
     caption_batch,
     handle_batch,
     seconds_until_due,
 )
-from processor.transport import (
+from captionstream.processor.transport import (
     CommitGate,
     FlowSafeTableManager,
     UnitOfWork,
     WriteTrackingTable,
     use_transport,
 )
-from schemas.events import utcnow
-from schemas.topics import TOPICS
+from captionstream.schemas.events import utcnow
+from captionstream.schemas.topics import TOPICS
+from captionstream.settings import ProcessingGuarantee, ProcessorSettings
 
 # Job states are a few hundred bytes each: Faust's rocksdb defaults (64 MiB write
 # buffers x 3 per partition, a 2 GiB block cache) would let a worker's memory grow by

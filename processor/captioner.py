@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from captionstream.errors import ModelLoadError
-from processor.greedy import lean_greedy, lean_greedy_supported
-from processor.precision import cpu_has_native_bf16, resolve_precision
-from processor.tiny_blip import TINY_BLIP, build_tiny_blip
-from schemas.events import GenerationOptions
+from captionstream.processor.greedy import lean_greedy, lean_greedy_supported
+from captionstream.processor.precision import cpu_has_native_bf16, resolve_precision
+from captionstream.processor.tiny_blip import TINY_BLIP, build_tiny_blip
+from captionstream.schemas.events import GenerationOptions
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -162,12 +162,12 @@ class BlipCaptioner:
         `vision_attention`: see `processor.attention`."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        from processor.attention import (
+        from captionstream.processor.attention import (
             VisionAttention,
             resolve_vision_attention,
             use_sdpa_vision_attention,
         )
-        from processor.packing import prepack_linears
+        from captionstream.processor.packing import prepack_linears
 
         device = select_device(device)
         # A bad precision setting fails before the (slow) model load.

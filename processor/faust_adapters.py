@@ -11,9 +11,15 @@ from typing import Any
 import faust
 
 from captionstream.kafka.compat import as_current_event
-from processor.pipeline import Delivery
-from schemas.events import CaptionFailed, CaptionProduced, JobState, decode_job_state, utcnow
-from schemas.topics import TOPICS, Headers
+from captionstream.processor.pipeline import Delivery
+from captionstream.schemas.events import (
+    CaptionFailed,
+    CaptionProduced,
+    JobState,
+    decode_job_state,
+    utcnow,
+)
+from captionstream.schemas.topics import TOPICS, Headers
 
 
 class TableStateStore:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from processor.captioner import (
+from captionstream.processor.captioner import (
     GenerationDefaults,
     GenerationKey,
     caption_in_groups,
@@ -20,8 +20,8 @@ from processor.captioner import (
     model_load_error,
     select_device,
 )
-from processor.precision import cpu_has_native_bf16, resolve_precision
-from schemas.events import GenerationOptions
+from captionstream.processor.precision import cpu_has_native_bf16, resolve_precision
+from captionstream.schemas.events import GenerationOptions
 
 if TYPE_CHECKING:
     from PIL.Image import Image

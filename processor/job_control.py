@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from captionstream.errors import CaptionstreamError
-from ingest.blobstore import BlobStore
-from schemas.events import (
+from captionstream.ingest.blobstore import BlobStore
+from captionstream.schemas.events import (
     EventDecodeError,
     JobCancelRequested,
     JobExpiryDue,

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 
 from captionstream.observability import END_TO_END_BUCKETS
-from schemas.events import JobState
+from captionstream.schemas.events import JobState
 
 T = TypeVar("T")
 R = TypeVar("R")

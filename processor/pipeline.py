@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from captionstream.errors import CaptionstreamError, ImageUnreadable
+from captionstream.ingest.validation import DECODERS, MAX_SIDE
 from captionstream.logging_config import job_context
-from ingest.validation import DECODERS, MAX_SIDE
-from processor.captioner import Captioner
-from schemas.events import (
+from captionstream.processor.captioner import Captioner
+from captionstream.schemas.events import (
     CaptionFailed,
     CaptionProduced,
     EventDecodeError,
@@ -33,7 +33,7 @@ from schemas.events import (
     decode_image_submitted,
     utcnow,
 )
-from schemas.topics import Headers
+from captionstream.schemas.topics import Headers
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from processor.captioner import Captioner
-from schemas.events import GenerationOptions
+from captionstream.processor.captioner import Captioner
+from captionstream.schemas.events import GenerationOptions
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ from faust.types import TP
 from faust.types.tuples import RecordMetadata
 
 from captionstream.kafka import KafkaConnection
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 
 
 def never_committed(

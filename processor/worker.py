@@ -13,18 +13,18 @@ from typing import IO
 import faust
 
 from captionstream.errors import ConfigurationError
+from captionstream.ingest.blobstore import open_blob_store
+from captionstream.ingest.validation import allow_pixels
 from captionstream.kafka import KafkaConnection, ensure_topics, topic_plan, tuning_for
 from captionstream.logging_config import LogFormat, adopt_library_output, faust_logging_config
+from captionstream.processor.allocator import tune_malloc
+from captionstream.processor.app import create_app
+from captionstream.processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
+from captionstream.processor.hf_captioner import HFImageToTextCaptioner
+from captionstream.processor.inference import InferenceThread
+from captionstream.processor.table_state import KafkaChangelogReader, discard_stale_table_state
+from captionstream.processor.threads import settle_threads
 from captionstream.settings import ProcessingGuarantee, ProcessorSettings
-from ingest.blobstore import open_blob_store
-from ingest.validation import allow_pixels
-from processor.allocator import tune_malloc
-from processor.app import create_app
-from processor.captioner import BlipCaptioner, Captioner, GenerationDefaults
-from processor.hf_captioner import HFImageToTextCaptioner
-from processor.inference import InferenceThread
-from processor.table_state import KafkaChangelogReader, discard_stale_table_state
-from processor.threads import settle_threads
 
 log = logging.getLogger(__name__)
 

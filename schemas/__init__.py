@@ -5,8 +5,8 @@ downstream consumer can depend on it, and `schemas/jsonschema/` holds the JSON S
 each public event for consumers in other languages.
 """
 
-from schemas.api import ErrorResponse, JobAccepted, JobResult, JobStatusResponse
-from schemas.events import (
+from captionstream.schemas.api import ErrorResponse, JobAccepted, JobResult, JobStatusResponse
+from captionstream.schemas.events import (
     SCHEMA_VERSION,
     CaptionEvent,
     CaptionFailed,
@@ -20,7 +20,7 @@ from schemas.events import (
     decode_image_submitted,
     decode_job_state,
 )
-from schemas.topics import TOPICS, Topics, TopicSpec
+from captionstream.schemas.topics import TOPICS, Topics, TopicSpec
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -7,7 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.events import WEBHOOK_URL_MAX_LENGTH, GenerationOptions, JobState, JobStatus
+from captionstream.schemas.events import (
+    WEBHOOK_URL_MAX_LENGTH,
+    GenerationOptions,
+    JobState,
+    JobStatus,
+)
 
 WEBHOOK_URL_DESCRIPTION = (
     "Optional: an http(s) URL that gets a signed POST (`X-Captionstream-Signature`) when "

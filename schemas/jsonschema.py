@@ -1,6 +1,6 @@
 """JSON Schema files for the public events, for consumers in any language.
 
-`python -m schemas.jsonschema` (or `make schemas`) regenerates `schemas/jsonschema/`;
+`python -m captionstream.schemas.jsonschema` (or `make schemas`) regenerates `schemas/jsonschema/`;
 a test fails when the committed files are stale.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.events import CaptionFailed, CaptionProduced, ImageSubmitted, JobState
-from schemas.webhooks import JobFinishedWebhook
+from captionstream.schemas.events import CaptionFailed, CaptionProduced, ImageSubmitted, JobState
+from captionstream.schemas.webhooks import JobFinishedWebhook
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import SCHEMA_VERSION, JobState, JobStatus, caption_event_id
+from captionstream.schemas.events import SCHEMA_VERSION, JobState, JobStatus, caption_event_id
 
 SIGNATURE_HEADER = "X-Captionstream-Signature"
 EVENT_ID_HEADER = "X-Captionstream-Event-Id"

@@ -21,7 +21,7 @@ from aiokafka.protocol.admin import CreateAclsRequest
 from captionstream.errors import BrokerError
 from captionstream.kafka.connection import KafkaConnection
 from captionstream.kafka.topics import PROCESSOR_TABLES, PlannedTopic, changelog_topic, leader_topic
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 
 # The protocol's codes (org.apache.kafka.common.resource / acl): only those used here.
 RESOURCE_TYPES = {"TOPIC": 2, "GROUP": 3, "TRANSACTIONAL_ID": 5}

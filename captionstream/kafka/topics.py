@@ -28,8 +28,8 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from captionstream.errors import BrokerError, TopicMismatch
 from captionstream.kafka.connection import KafkaConnection
 from captionstream.kafka.diagnose import unreachable
+from captionstream.schemas.topics import TOPICS, TopicSpec
 from captionstream.settings import KafkaProfile
-from schemas.topics import TOPICS, TopicSpec
 
 log = logging.getLogger(__name__)
 

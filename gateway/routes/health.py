@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
-from gateway.deps import GatewayDep
-from schemas.api import NotReadyResponse, ReadinessResponse
+from captionstream.gateway.deps import GatewayDep
+from captionstream.schemas.api import NotReadyResponse, ReadinessResponse
 
 router = APIRouter(tags=["health"])
 

@@ -13,10 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Body, File, Form, Request, Response, UploadFile, WebSocket, status
 
 from captionstream.errors import ImageTooLarge
-from gateway.deps import GatewayDep, JobViewDep, KafkaDep, SubmissionRateLimit
-from gateway.idempotency import IdempotencyKey, request_digest
-from gateway.job_actions import known_job, request_cancellation, submit_job
-from gateway.jobs_openapi import (
+from captionstream.gateway.deps import GatewayDep, JobViewDep, KafkaDep, SubmissionRateLimit
+from captionstream.gateway.idempotency import IdempotencyKey, request_digest
+from captionstream.gateway.job_actions import known_job, request_cancellation, submit_job
+from captionstream.gateway.jobs_openapi import (
     CANCEL_RESPONSES,
     EVENTS_RESPONSES,
     STATUS_RESPONSES,
@@ -24,7 +24,7 @@ from gateway.jobs_openapi import (
     URL_EXAMPLES,
     URL_RESPONSES,
 )
-from gateway.push import (
+from captionstream.gateway.push import (
     STATUS_RETRY_AFTER_S,
     EventStreamResponse,
     StatusWait,
@@ -33,8 +33,8 @@ from gateway.push import (
     status_events,
     until_finished,
 )
-from gateway.routes import API_PREFIX
-from schemas.api import JobAccepted, JobRequest, JobStatusResponse, UploadOptions
+from captionstream.gateway.routes import API_PREFIX
+from captionstream.schemas.api import JobAccepted, JobRequest, JobStatusResponse, UploadOptions
 
 router = APIRouter(prefix=API_PREFIX, tags=["jobs"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from gateway.deps import GatewayDep
+from captionstream.gateway.deps import GatewayDep
 
 router = APIRouter(tags=["operations"])
 

@@ -24,7 +24,7 @@ terminal state to deliver) are plain functions and classes; the payload and sign
 are in `schemas.webhooks`.
 """
 
-from gateway.webhooks.delivery import (
+from captionstream.gateway.webhooks.delivery import (
     Attempt,
     Verdict,
     WebhookSender,
@@ -33,9 +33,9 @@ from gateway.webhooks.delivery import (
     parse_retry_after,
     retry_delay,
 )
-from gateway.webhooks.dispatcher import FinishedJobs, WebhookDispatcher
-from gateway.webhooks.guard import WebhookGuard
-from gateway.webhooks.offsets import OffsetTracker, PartitionOffsets
+from captionstream.gateway.webhooks.dispatcher import FinishedJobs, WebhookDispatcher
+from captionstream.gateway.webhooks.guard import WebhookGuard
+from captionstream.gateway.webhooks.offsets import OffsetTracker, PartitionOffsets
 
 __all__ = [
     "Attempt",

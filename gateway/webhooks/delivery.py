@@ -16,13 +16,18 @@ from datetime import datetime
 import httpx
 
 from captionstream.errors import WebhookRefused
+from captionstream.gateway.metrics import GatewayMetrics
+from captionstream.gateway.webhooks.guard import WebhookGuard
+from captionstream.ingest.address_guard import VettedURL
 from captionstream.logging_config import job_context
+from captionstream.schemas.events import JobState, utcnow
+from captionstream.schemas.webhooks import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADER,
+    JobFinishedWebhook,
+    sign,
+)
 from captionstream.settings import GatewaySettings
-from gateway.metrics import GatewayMetrics
-from gateway.webhooks.guard import WebhookGuard
-from ingest.address_guard import VettedURL
-from schemas.events import JobState, utcnow
-from schemas.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, JobFinishedWebhook, sign
 
 log = logging.getLogger(__name__)
 

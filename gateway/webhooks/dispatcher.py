@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from captionstream.gateway.webhooks.delivery import WebhookSender
+from captionstream.gateway.webhooks.offsets import OffsetTracker, PartitionOffsets
 from captionstream.kafka import KafkaConnection, polls, stop_consumer
 from captionstream.logging_config import job_context
+from captionstream.schemas.events import EventDecodeError, JobState, decode_job_state
 from captionstream.settings import GatewaySettings
-from gateway.webhooks.delivery import WebhookSender
-from gateway.webhooks.offsets import OffsetTracker, PartitionOffsets
-from schemas.events import EventDecodeError, JobState, decode_job_state
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,14 @@ import asyncio
 import httpx
 
 from captionstream.errors import AddressRefused, RefusalReason, WebhookRefused
+from captionstream.ingest.address_guard import (
+    AddressPolicy,
+    Resolver,
+    VettedURL,
+    system_resolver,
+    vet_url,
+)
 from captionstream.settings import GatewaySettings
-from ingest.address_guard import AddressPolicy, Resolver, VettedURL, system_resolver, vet_url
 
 
 def webhook_refusal(refused: AddressRefused, shown: str) -> WebhookRefused:

@@ -12,7 +12,7 @@ FILE.jsonl as each one finishes; the output file is the journal a rerun resumes 
 - `runner`: the run itself, wired to Kafka (`run_bulk_ingest` is the command).
 """
 
-from ingest.bulk.files import (
+from captionstream.ingest.bulk.files import (
     BulkIngestError,
     WorkItem,
     discover,
@@ -20,7 +20,7 @@ from ingest.bulk.files import (
     parse_text_manifest,
     read_image_file,
 )
-from ingest.bulk.journal import (
+from captionstream.ingest.bulk.journal import (
     Journal,
     PendingJob,
     parse_journal,
@@ -29,9 +29,9 @@ from ingest.bulk.journal import (
     rejected_line,
     result_line,
 )
-from ingest.bulk.progress import Progress, Summary
-from ingest.bulk.runner import run_bulk_ingest
-from ingest.bulk.waiter import ResultWaiter
+from captionstream.ingest.bulk.progress import Progress, Summary
+from captionstream.ingest.bulk.runner import run_bulk_ingest
+from captionstream.ingest.bulk.waiter import ResultWaiter
 
 __all__ = [
     "BulkIngestError",

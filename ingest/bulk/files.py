@@ -12,8 +12,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from captionstream.errors import CaptionstreamError, ImageTooLarge
-from ingest.validation import ALLOWED_EXTENSIONS
-from schemas.events import GenerationOptions
+from captionstream.ingest.validation import ALLOWED_EXTENSIONS
+from captionstream.schemas.events import GenerationOptions
 
 
 class BulkIngestError(CaptionstreamError):

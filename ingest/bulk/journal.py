@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ingest.bulk.files import BulkIngestError
-from schemas.events import JobState, JobStatus
+from captionstream.ingest.bulk.files import BulkIngestError
+from captionstream.schemas.events import JobState, JobStatus
 
 log = logging.getLogger(__name__)
 

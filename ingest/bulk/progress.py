@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ingest.bulk.journal import DONE_STATUSES, REJECTED
+from captionstream.ingest.bulk.journal import DONE_STATUSES, REJECTED
 
 
 class Progress:

@@ -21,6 +21,20 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from captionstream.errors import BrokerError, ImageRejected
+from captionstream.ingest.blobstore import BlobStore, open_blob_store
+from captionstream.ingest.bulk.files import WorkItem, discover, read_image_file
+from captionstream.ingest.bulk.journal import (
+    REJECTED,
+    Journal,
+    PendingJob,
+    rejected_line,
+    result_line,
+)
+from captionstream.ingest.bulk.progress import Progress, Summary
+from captionstream.ingest.bulk.waiter import ResultWaiter
+from captionstream.ingest.kafka_publishing import KafkaJobPublisher
+from captionstream.ingest.submission import JobPublisher, submit_image
+from captionstream.ingest.validation import ImageLimits, allow_pixels
 from captionstream.kafka import (
     KafkaConnection,
     ensure_topics,
@@ -29,16 +43,7 @@ from captionstream.kafka import (
     start_topic_reader,
     stop_consumer,
 )
-from captionstream.settings import BulkIngestSettings
-from ingest.blobstore import BlobStore, open_blob_store
-from ingest.bulk.files import WorkItem, discover, read_image_file
-from ingest.bulk.journal import REJECTED, Journal, PendingJob, rejected_line, result_line
-from ingest.bulk.progress import Progress, Summary
-from ingest.bulk.waiter import ResultWaiter
-from ingest.kafka_publishing import KafkaJobPublisher
-from ingest.submission import JobPublisher, submit_image
-from ingest.validation import ImageLimits, allow_pixels
-from schemas.events import (
+from captionstream.schemas.events import (
     EventDecodeError,
     GenerationOptions,
     ImageSubmitted,
@@ -46,7 +51,8 @@ from schemas.events import (
     JobStatus,
     decode_job_state,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
+from captionstream.settings import BulkIngestSettings
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ingest.bulk.journal import PendingJob
-from schemas.events import JobState
+from captionstream.ingest.bulk.journal import PendingJob
+from captionstream.schemas.events import JobState
 
 
 @dataclass(slots=True)

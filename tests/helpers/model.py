@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from processor.captioner import BlipCaptioner
+    from captionstream.processor.captioner import BlipCaptioner
 
 
 def go_offline(mp: pytest.MonkeyPatch) -> None:
@@ -21,8 +21,8 @@ def go_offline(mp: pytest.MonkeyPatch) -> None:
 
 def load_tiny_blip(data_dir: Path, **options: Any) -> BlipCaptioner:
     """The tiny random BLIP on the CPU, loaded offline."""
-    from processor.captioner import BlipCaptioner
-    from processor.tiny_blip import TINY_BLIP
+    from captionstream.processor.captioner import BlipCaptioner
+    from captionstream.processor.tiny_blip import TINY_BLIP
 
     with pytest.MonkeyPatch.context() as mp:
         go_offline(mp)

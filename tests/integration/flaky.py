@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.schemas.events import GenerationOptions
 from captionstream.settings import ProcessorSettings
-from processor.captioner import BlipCaptioner
-from schemas.events import GenerationOptions
 
 FLAKY_ONCE = (255, 0, 255)
 ALWAYS_FAILS = (255, 0, 254)

@@ -27,9 +27,9 @@ from bench.harness import Component, S3Server, answers_ok, spawn_part, wait_unti
 from captionstream.apache_kafka import ApacheKafkaCluster
 from captionstream.broker import MEMORY_STORAGE, EmbeddedBroker, free_port
 from captionstream.kafka import KafkaConnection, assign_whole_topic, fetch_highwaters
+from captionstream.schemas.events import CaptionProduced, caption_event_id, decode_caption_event
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import KafkaProfile
-from schemas.events import CaptionProduced, caption_event_id, decode_caption_event
-from schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.helpers.jobs import TERMINAL
 

@@ -29,9 +29,9 @@ from PIL import Image
 from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from captionstream.gateway.app import create_app
+from captionstream.ingest.fetch import refusal_reason
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
-from ingest.fetch import refusal_reason
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 

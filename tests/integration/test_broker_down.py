@@ -18,8 +18,8 @@ from captionstream.kafka import (
     own_topics,
     stop_consumer,
 )
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import KafkaProfile
-from schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Stack, wait_until
 

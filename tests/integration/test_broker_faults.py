@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from captionstream.apache_kafka import ApacheKafkaCluster
-from schemas.events import JobStatus, decode_caption_event, decode_job_state
-from schemas.topics import TOPICS
+from captionstream.schemas.events import JobStatus, decode_caption_event, decode_job_state
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.apache import wait_for_partitions
 from tests.integration.stack import (

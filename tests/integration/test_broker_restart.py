@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import (

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from schemas.events import (
+from captionstream.schemas.events import (
     CaptionProduced,
     EventDecodeError,
     decode_caption_event,
     decode_image_submitted,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.integration.stack import Component, Stack, read_topic, wait_until
 
 CLI = [sys.executable, "-m", "captionstream"]

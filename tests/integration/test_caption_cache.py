@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import httpx
 
-from schemas.events import CaptionProduced, decode_caption_event
-from schemas.topics import TOPICS
+from captionstream.schemas.events import CaptionProduced, decode_caption_event
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Stack, read_topic
 

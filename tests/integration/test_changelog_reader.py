@@ -9,8 +9,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from captionstream.broker import EmbeddedBroker
 from captionstream.kafka import KafkaConnection
+from captionstream.processor.table_state import ChangelogRecord, KafkaChangelogReader
 from captionstream.settings import KafkaProfile
-from processor.table_state import ChangelogRecord, KafkaChangelogReader
 
 
 async def test_reader_finds_ends_and_the_record_at_an_offset(broker: EmbeddedBroker) -> None:

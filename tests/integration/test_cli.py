@@ -16,8 +16,8 @@ import pytest
 import websockets
 
 from captionstream.broker import free_port
-from schemas.events import decode_caption_event
-from schemas.topics import TOPICS
+from captionstream.schemas.events import decode_caption_event
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Gateway, wait_until
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import decode_job_state
-from schemas.topics import TOPICS
+from captionstream.schemas.events import decode_job_state
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.apache import create_topic
 from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE

@@ -8,7 +8,7 @@ import json
 import pytest
 import websockets
 
-from schemas.events import (
+from captionstream.schemas.events import (
     CaptionProduced,
     ImageSubmitted,
     JobState,
@@ -16,7 +16,7 @@ from schemas.events import (
     decode_caption_event,
     utcnow,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Stack, read_topic
 

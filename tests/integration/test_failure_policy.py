@@ -15,7 +15,7 @@ import websockets
 from aiokafka import AIOKafkaConsumer
 
 from captionstream.kafka import assign_whole_topic
-from schemas.topics import TOPICS, Headers
+from captionstream.schemas.topics import TOPICS, Headers
 from tests.helpers.images import make_png
 from tests.integration.flaky import ALWAYS_FAILS, FLAKY_ONCE
 from tests.integration.stack import Gateway, Stack, own_stack, wait_until

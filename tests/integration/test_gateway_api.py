@@ -20,8 +20,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionstream.broker import EmbeddedBroker, free_port
-from schemas.events import GenerationOptions, JobState, decode_image_submitted, utcnow
-from schemas.topics import TOPICS
+from captionstream.schemas.events import GenerationOptions, JobState, decode_image_submitted, utcnow
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_noise_png, make_png
 from tests.integration.stack import (
     Component,

@@ -21,8 +21,8 @@ import pytest
 import websockets
 
 from captionstream.broker import free_port
-from schemas.events import decode_job_state
-from schemas.topics import TOPICS
+from captionstream.schemas.events import decode_job_state
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import Gateway, Stack, own_stack, read_topic

@@ -10,8 +10,8 @@ import uuid
 import httpx
 import pytest
 
-from schemas.events import decode_image_submitted
-from schemas.topics import TOPICS
+from captionstream.schemas.events import decode_image_submitted
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, read_topic
 

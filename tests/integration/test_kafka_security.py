@@ -37,8 +37,8 @@ from captionstream.apache_kafka import ApacheKafkaCluster, Listener, ScramCreden
 from captionstream.errors import ConfigurationError
 from captionstream.kafka import KafkaConnection
 from captionstream.kafka.acls import Acl, component_acls, grant
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import CommonSettings, KafkaProfile
-from schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.apache import running_cluster
 from tests.integration.stack import Component, Stack, all_succeed, read_topic, stack_on

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas.events import CaptionProduced, decode_caption_event
-from schemas.topics import TOPICS
+from captionstream.schemas.events import CaptionProduced, decode_caption_event
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, own_stack, read_topic
 

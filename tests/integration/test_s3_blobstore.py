@@ -25,9 +25,9 @@ import pytest
 from bench.harness import S3Server, s3_server
 from captionstream.broker import free_port
 from captionstream.errors import BlobNotFound, BlobStoreUnavailable, ConfigurationError
-from ingest.s3_blobstore import LAST_USED, S3BlobStore
-from schemas.events import decode_job_state
-from schemas.topics import TOPICS
+from captionstream.ingest.s3_blobstore import LAST_USED, S3BlobStore
+from captionstream.schemas.events import decode_job_state
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import (
     Stack,

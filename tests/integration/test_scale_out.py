@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from schemas.events import (
+from captionstream.schemas.events import (
     JobStatus,
     decode_job_state,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.integration.stack import (
     Stack,
     all_succeed,

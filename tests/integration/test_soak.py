@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from captionstream.broker import free_port
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.helpers.jobs import TERMINAL
 from tests.integration.stack import Stack, check_one_caption_per_job, read_topic

@@ -18,9 +18,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import ImageSubmitted, JobState, caption_event_id, utcnow
-from schemas.topics import TOPICS
-from schemas.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
+from captionstream.schemas.events import ImageSubmitted, JobState, caption_event_id, utcnow
+from captionstream.schemas.topics import TOPICS
+from captionstream.schemas.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
 

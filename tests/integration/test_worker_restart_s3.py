@@ -24,7 +24,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
 from tests.integration.stack import Gateway, Stack, read_topic
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from captionstream.errors import AddressRefused, RefusalReason
-from ingest.address_guard import (
+from captionstream.ingest.address_guard import (
     AddressPolicy,
     IPAddress,
     Resolver,

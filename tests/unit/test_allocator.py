@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from captionstream.settings import ProcessorSettings
-from processor.allocator import (
+from captionstream.processor.allocator import (
     DEFAULT_KEEP_BYTES,
     M_ARENA_MAX,
     M_MMAP_THRESHOLD,
@@ -23,6 +22,7 @@ from processor.allocator import (
     malloc_env,
     tune_malloc,
 )
+from captionstream.settings import ProcessorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def fake(libc: FakeLibc) -> ctypes.CDLL:
 
 def test_applies_all_four_parameters(caplog: pytest.LogCaptureFixture) -> None:
     libc = FakeLibc()
-    with caplog.at_level(logging.INFO, logger="processor.allocator"):
+    with caplog.at_level(logging.INFO, logger="captionstream.processor.allocator"):
         result = tune_malloc(True, keep_bytes=123_456, environ={}, libc=fake(libc))
     assert result.skipped is None
     assert sorted(libc.calls) == sorted(
@@ -66,7 +66,7 @@ def test_applies_all_four_parameters(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_disabled_by_the_setting_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
     libc = FakeLibc()
-    with caplog.at_level(logging.INFO, logger="processor.allocator"):
+    with caplog.at_level(logging.INFO, logger="captionstream.processor.allocator"):
         result = tune_malloc(False, environ={}, libc=fake(libc))
     assert libc.calls == []
     assert result.applied == {}
@@ -103,7 +103,7 @@ def test_a_refused_parameter_is_reported() -> None:
 
 
 def test_not_glibc_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("processor.allocator.load_glibc", lambda: None)
+    monkeypatch.setattr("captionstream.processor.allocator.load_glibc", lambda: None)
     result = tune_malloc(True, environ={})
     assert result.skipped == "not glibc"
 
@@ -125,7 +125,7 @@ def test_the_worker_tunes_malloc_before_loading_the_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """run_worker calls tune_malloc with the settings, before torch threads or the model."""
-    from processor import worker
+    from captionstream.processor import worker
 
     order: list[str] = []
 
@@ -150,7 +150,7 @@ def test_the_worker_tunes_malloc_before_loading_the_model(
 _FAULTS = textwrap.dedent(
     """
     import ctypes, resource, sys
-    from processor.allocator import tune_malloc
+    from captionstream.processor.allocator import tune_malloc
 
     if sys.argv[1] == "tuned":
         assert tune_malloc(True, environ={}).skipped is None

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from processor.attention import (
+from captionstream.processor.attention import (
     SdpaBlipAttention,
     VisionAttention,
     resolve_vision_attention,
     use_sdpa_vision_attention,
 )
-from processor.captioner import BlipCaptioner
-from schemas.events import GenerationOptions
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.schemas.events import GenerationOptions
 from tests.helpers.model import load_tiny_blip
 
 
@@ -128,8 +128,8 @@ def test_the_swap_reuses_the_weights_and_runs_once(captioners: dict[str, BlipCap
 def test_worker_setting_reaches_the_captioner(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from captionstream.processor import worker
     from captionstream.settings import ProcessorSettings
-    from processor import worker
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(BlipCaptioner, "load", lambda model, **kw: seen.update(kw))

@@ -46,9 +46,9 @@ from bench.system import (
     process_ticks_from_stat,
     wait_for_quiet,
 )
-from processor.captioner import BlipCaptioner
-from processor.tiny_blip import build_tiny_blip
-from schemas.events import GenerationOptions
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.processor.tiny_blip import build_tiny_blip
+from captionstream.schemas.events import GenerationOptions
 
 # --- percentiles ------------------------------------------------------------------------
 
@@ -464,7 +464,7 @@ def test_captioning_variants_end_with_what_the_worker_runs(
     expected: list[str],
 ) -> None:
 
-    monkeypatch.setattr("processor.packing.packing_supported", lambda *_: can_pack)
+    monkeypatch.setattr("captionstream.processor.packing.packing_supported", lambda *_: can_pack)
     variants = captioning_variants(device, precision)
     assert variants[0] == Variant(
         "generate(), plain weights, eager attention", False, False, "eager"

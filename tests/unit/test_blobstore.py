@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from captionstream.errors import BlobNotFound
-from ingest.blobstore import LocalBlobStore
+from captionstream.ingest.blobstore import LocalBlobStore
 
 DATA = b"\x89PNG fake image bytes"
 SHA = hashlib.sha256(DATA).hexdigest()

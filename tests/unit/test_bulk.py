@@ -11,8 +11,7 @@ import pytest
 
 from captionstream.cli import build_parser
 from captionstream.errors import ImageTooLarge
-from captionstream.tail import event_line
-from ingest.bulk import (
+from captionstream.ingest.bulk import (
     BulkIngestError,
     Journal,
     PendingJob,
@@ -30,7 +29,8 @@ from ingest.bulk import (
     rejected_line,
     result_line,
 )
-from schemas.events import GenerationOptions, JobState, JobStatus
+from captionstream.schemas.events import GenerationOptions, JobState, JobStatus
+from captionstream.tail import event_line
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SHA = "a" * 64

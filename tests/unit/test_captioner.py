@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 
 from captionstream.errors import ConfigurationError, ModelLoadError
-from processor.captioner import (
+from captionstream.processor.captioner import (
     BlipCaptioner,
     GenerationDefaults,
     input_size_of,
     resolve_model_source,
 )
-from processor.tiny_blip import TINY_BLIP
-from schemas.events import GenerationOptions
+from captionstream.processor.tiny_blip import TINY_BLIP
+from captionstream.schemas.events import GenerationOptions
 from tests.helpers.model import go_offline
 
 

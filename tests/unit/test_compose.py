@@ -24,12 +24,14 @@ from pydantic_settings import BaseSettings
 
 from captionstream.apache_kafka import KAFKA_VERSION, POM_PATH
 from captionstream.cli import build_parser, cmd_topics
+from captionstream.ingest.s3_blobstore import parse_store_url
 from captionstream.kafka.topics import (
     PROCESSOR_TABLES,
     changelog_topic,
     leader_topic,
     topic_plan,
 )
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import (
     CommonSettings,
     GatewaySettings,
@@ -38,8 +40,6 @@ from captionstream.settings import (
     KafkaSecurityProtocol,
     ProcessorSettings,
 )
-from ingest.s3_blobstore import parse_store_url
-from schemas.topics import TOPICS
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.kafka.yml"
 KAFKA_IMAGE = "apache/kafka"

@@ -19,15 +19,15 @@ from faust.types import TP
 from captionstream.cli import build_parser, cmd_topics
 from captionstream.errors import ConfigurationError
 from captionstream.kafka import KafkaConnection, readable_end
-from captionstream.settings import KafkaProfile, ProcessingGuarantee, ProcessorSettings
-from processor.transport import (
+from captionstream.processor.transport import (
     CommitGate,
     forget_partitions,
     gated_consumer,
     key_partition,
     never_committed,
 )
-from processor.worker import refuse_unsupported_guarantee
+from captionstream.processor.worker import refuse_unsupported_guarantee
+from captionstream.settings import KafkaProfile, ProcessingGuarantee, ProcessorSettings
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 8, 12])

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from captionstream.errors import FetchError, FetchRefused, FetchTimeout, ImageTooLarge
+from captionstream.ingest.address_guard import IPAddress, refusal_reason
+from captionstream.ingest.fetch import FetchPolicy, ImageFetcher
 from captionstream.settings import IngestSettings
-from ingest.address_guard import IPAddress, refusal_reason
-from ingest.fetch import FetchPolicy, ImageFetcher
 from tests.helpers.images import make_png
 
 PNG = make_png(32, 24)

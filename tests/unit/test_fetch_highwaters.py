@@ -15,17 +15,17 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 import captionstream.kafka.faust_transport
+from captionstream.ingest.blobstore import LocalBlobStore
 from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE, KafkaConnection
 from captionstream.kafka.faust_transport import (
     FetchHighwatersConsumerThread,
     IdempotentProducer,
     ListOffsetsConsumerThread,
 )
+from captionstream.processor.app import create_app
+from captionstream.processor.inference import InferenceThread
+from captionstream.processor.transport import PartitionTransactions
 from captionstream.settings import KafkaProfile, ProcessorSettings
-from ingest.blobstore import LocalBlobStore
-from processor.app import create_app
-from processor.inference import InferenceThread
-from processor.transport import PartitionTransactions
 
 
 def test_only_the_embedded_profile_reads_end_offsets_from_fetches() -> None:

@@ -16,7 +16,7 @@ import faust
 import pytest
 from faust.types import TP
 
-from processor.transport import FlowSafeRecovery, FlowSafeTableManager
+from captionstream.processor.transport import FlowSafeRecovery, FlowSafeTableManager
 
 IMAGES = TP("captionstream.images.v1", 0)
 CHANGELOG = TP("t-jobs-changelog", 0)

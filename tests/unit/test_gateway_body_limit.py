@@ -19,9 +19,13 @@ import pytest
 from fastapi import FastAPI, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from captionstream.gateway.app import create_app
+from captionstream.gateway.body_limit import (
+    DRAIN_LIMIT_FACTOR,
+    MULTIPART_OVERHEAD_BYTES,
+    BodySizeLimitMiddleware,
+)
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
-from gateway.body_limit import DRAIN_LIMIT_FACTOR, MULTIPART_OVERHEAD_BYTES, BodySizeLimitMiddleware
 from tests.unit.uvicorn_server import serving
 
 LIMIT = 10_000

@@ -10,9 +10,9 @@ import httpx
 from fastapi import APIRouter, FastAPI, HTTPException
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics, HttpMetricsMiddleware
-from gateway.view import JobView
-from schemas.events import JobState, JobStatus, utcnow
+from captionstream.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics, HttpMetricsMiddleware
+from captionstream.gateway.view import JobView
+from captionstream.schemas.events import JobState, JobStatus, utcnow
 
 
 def pending(job_id: str, age_s: float = 0.0) -> JobState:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from aiokafka import AIOKafkaClient
 
 from captionstream.broker import free_port
+from captionstream.gateway.readiness import Readiness
+from captionstream.gateway.view import JobStateFollower, JobView
 from captionstream.kafka import KafkaConnection
 from captionstream.settings import KafkaProfile
-from gateway.readiness import Readiness
-from gateway.view import JobStateFollower, JobView
 
 
 async def test_unreachable_broker_and_stopped_follower_are_not_ready() -> None:

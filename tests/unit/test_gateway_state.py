@@ -13,17 +13,17 @@ import httpx
 import pytest
 
 from captionstream.errors import BrokerError
+from captionstream.gateway.app import create_app
+from captionstream.gateway.metrics import GatewayMetrics
+from captionstream.gateway.readiness import Check, NotConnected
+from captionstream.gateway.state import GatewayState, KafkaSide
+from captionstream.gateway.view import JobView
+from captionstream.gateway.webhooks import WebhookGuard
+from captionstream.ingest.blobstore import open_blob_store
+from captionstream.ingest.fetch import FetchPolicy, ImageFetcher
+from captionstream.ingest.validation import ImageLimits
+from captionstream.schemas.events import JobState, utcnow
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
-from gateway.metrics import GatewayMetrics
-from gateway.readiness import Check, NotConnected
-from gateway.state import GatewayState, KafkaSide
-from gateway.view import JobView
-from gateway.webhooks import WebhookGuard
-from ingest.blobstore import open_blob_store
-from ingest.fetch import FetchPolicy, ImageFetcher
-from ingest.validation import ImageLimits
-from schemas.events import JobState, utcnow
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from processor.captioner import BlipCaptioner
-from processor.greedy import lean_greedy, lean_greedy_supported
-from processor.tiny_blip import TINY_BLIP
-from schemas.events import GenerationOptions
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.processor.greedy import lean_greedy, lean_greedy_supported
+from captionstream.processor.tiny_blip import TINY_BLIP
+from captionstream.schemas.events import GenerationOptions
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from captionstream.errors import ConfigurationError, ModelLoadError
+from captionstream.processor.captioner import GenerationDefaults, caption_in_groups
+from captionstream.processor.hf_captioner import HFImageToTextCaptioner
+from captionstream.processor.worker import load_captioner
+from captionstream.schemas.events import GenerationOptions
 from captionstream.settings import ProcessorSettings
-from processor.captioner import GenerationDefaults, caption_in_groups
-from processor.hf_captioner import HFImageToTextCaptioner
-from processor.worker import load_captioner
-from schemas.events import GenerationOptions
 
 WORDS = [
     "[PAD]",

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps, PngImagePlugin
 
 from captionstream.errors import ImageRejected, ImageUnreadable, UnsupportedImage
+from captionstream.ingest import validation
+from captionstream.ingest.blobstore import LocalBlobStore
+from captionstream.ingest.submission import submit_image
+from captionstream.ingest.validation import MAX_SIDE, ImageLimits, ValidatedImage, inspect_image
+from captionstream.processor.pipeline import decode_rgb
+from captionstream.schemas.events import ImageSubmitted, JobState
 from captionstream.settings import GatewaySettings, IngestSettings
-from ingest import validation
-from ingest.blobstore import LocalBlobStore
-from ingest.submission import submit_image
-from ingest.validation import MAX_SIDE, ImageLimits, ValidatedImage, inspect_image
-from processor.pipeline import decode_rgb
-from schemas.events import ImageSubmitted, JobState
 
 LIMITS = ImageLimits()
 

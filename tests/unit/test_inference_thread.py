@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from captionstream.processor.inference import InferenceThread
 from captionstream.settings import ProcessorSettings
-from processor.inference import InferenceThread
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_arguments_pass_through_and_errors_reach_the_caller() -> None:
 _POOLS = textwrap.dedent(
     """
     import os, torch
-    from processor.inference import InferenceThread
+    from captionstream.processor.inference import InferenceThread
 
     torch.set_num_threads(2)
     def work():
@@ -92,7 +92,7 @@ def test_torch_work_on_the_inference_thread_keeps_one_openmp_pool() -> None:
 def test_the_worker_sets_threads_and_loads_the_model_on_the_inference_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from processor import worker
+    from captionstream.processor import worker
 
     seen: dict[str, str] = {}
 

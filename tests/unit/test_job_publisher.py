@@ -10,9 +10,9 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
 from captionstream.errors import KafkaAccessDenied
-from ingest.kafka_publishing import KafkaJobPublisher
-from schemas.events import ImageSubmitted, JobState, JobStatus, decode_job_state
-from schemas.topics import TOPICS
+from captionstream.ingest.kafka_publishing import KafkaJobPublisher
+from captionstream.schemas.events import ImageSubmitted, JobState, JobStatus, decode_job_state
+from captionstream.schemas.topics import TOPICS
 
 
 class RecordingProducer:

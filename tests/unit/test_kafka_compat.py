@@ -59,8 +59,7 @@ def faust_overrides() -> list[tuple[type[Any], str]]:
         IdempotentProducer,
         ListOffsetsConsumerThread,
     )
-    from captionstream.settings import KafkaProfile
-    from processor.transport import (
+    from captionstream.processor.transport import (
         CommitGate,
         FlowSafeRecovery,
         FlowSafeTableManager,
@@ -69,6 +68,7 @@ def faust_overrides() -> list[tuple[type[Any], str]]:
         WriteTrackingTable,
         gated_consumer,
     )
+    from captionstream.settings import KafkaProfile
 
     ours_only = {"changelog_written", "_group_for"}  # new methods, no Faust counterpart
     classes: list[type[Any]] = [

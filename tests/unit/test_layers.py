@@ -1,6 +1,11 @@
 """The layers of the code base, checked from every import (function-level and
 type-checking-only ones included: each is a dependency all the same).
 
+Every layer is imported as `captionstream.<layer>`: the folders `schemas/`, `ingest/`,
+`processor/` and `gateway/` sit at the top of the repository and are linked into
+`captionstream/` (the wheel installs only `captionstream`). Importing one under its bare
+folder name would load a second copy of its modules, so no file may.
+
 - `schemas` is pure: the events any client can read, so it imports nothing of the
   project but itself, and no Kafka, web or model library.
 - `captionstream.kafka` is the Kafka layer every service builds on: it imports no service.
@@ -22,9 +27,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ("schemas", "ingest", "captionstream", "processor")
+LAYERS = ("schemas", "ingest", "processor", "gateway")  # top-level folders, in captionstream
+SCANNED = (*LAYERS, "captionstream")
 WIRING = frozenset({"captionstream/cli.py", "captionstream/__main__.py"})
-PROJECT = ("schemas", "captionstream", "ingest", "gateway", "processor", "bench", "tests")
+PROJECT = ("captionstream", "bench", "tests")
 NOT_PURE = ("kafka", "aiokafka", "faust", "fastapi", "httpx", "torch")
 
 
@@ -35,22 +41,33 @@ class Rule:
     why: str
 
     def breaks(self, module: str) -> bool:
+        if self.scope == SCHEMAS and within(module, SCHEMAS):
+            return False  # itself
         return any(within(module, prefix) for prefix in self.forbidden)
 
 
+SCHEMAS = "captionstream.schemas"
 RULES = (
     Rule(
-        "schemas",
-        (*(p for p in PROJECT if p != "schemas"), *NOT_PURE),
+        SCHEMAS,
+        (*PROJECT, *NOT_PURE),
         "schemas is pure: nothing of the project but itself, no Kafka, web or model library",
     ),
     Rule(
         "captionstream.kafka",
-        ("gateway", "processor", "ingest"),
+        ("captionstream.gateway", "captionstream.processor", "captionstream.ingest"),
         "the Kafka layer imports no service",
     ),
-    Rule("ingest", ("gateway", "processor"), "ingest imports neither gateway nor processor"),
-    Rule("processor", ("gateway",), "processor does not import gateway"),
+    Rule(
+        "captionstream.ingest",
+        ("captionstream.gateway", "captionstream.processor"),
+        "ingest imports neither gateway nor processor",
+    ),
+    Rule(
+        "captionstream.processor",
+        ("captionstream.gateway",),
+        "processor does not import gateway",
+    ),
 )
 
 
@@ -67,6 +84,8 @@ class Import:
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] in LAYERS:
+        parts = ("captionstream", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -89,19 +108,43 @@ def imports_of(source: str, module: str, is_package: bool, path: str) -> Iterato
                 yield Import(path, node.lineno, base)
 
 
+def python_files(tops: tuple[str, ...]) -> list[Path]:
+    """The .py files under the top-level folders `tops`, not through the layers' links
+    inside captionstream/ (each file once, under its own folder)."""
+    found = []
+    for top in tops:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            inside = path.relative_to(ROOT).parts
+            if not (inside[0] == "captionstream" and inside[1] in LAYERS):
+                found.append(path)
+    return found
+
+
 def project_imports() -> list[tuple[str, Import]]:
     """(importing module, import) for every checked file."""
     found = []
-    for top in SCANNED:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            relative = path.relative_to(ROOT).as_posix()
-            if relative in WIRING:
-                continue
-            module = module_name(path)
-            source = path.read_text(encoding="utf-8")
-            for imported in imports_of(source, module, path.name == "__init__.py", relative):
-                found.append((module, imported))
+    for path in python_files(SCANNED):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative in WIRING:
+            continue
+        module = module_name(path)
+        source = path.read_text(encoding="utf-8")
+        for imported in imports_of(source, module, path.name == "__init__.py", relative):
+            found.append((module, imported))
     return found
+
+
+def test_no_file_imports_a_layer_by_its_folder_name() -> None:
+    everywhere = (*SCANNED, "bench", "tests")
+    bare = []
+    for path in python_files(everywhere):
+        relative = path.relative_to(ROOT).as_posix()
+        source = path.read_text(encoding="utf-8")
+        for i in imports_of(source, module_name(path), path.name == "__init__.py", relative):
+            if any(within(i.module, layer) for layer in LAYERS):
+                bare.append(f"{i.path}:{i.line} imports {i.module}")
+    assert len(python_files(everywhere)) > 150, "the scan looks in the wrong place"
+    assert not bare, "import layers as captionstream.<layer>:\n" + "\n".join(bare)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=[rule.scope for rule in RULES])
@@ -135,5 +178,8 @@ def test_the_import_scan_resolves_every_form_of_import() -> None:
         "gateway.app",
         "processor",
     ]
-    in_package = imports_of("from .files import a", "ingest.bulk", True, "ingest/bulk/__init__.py")
-    assert [i.module for i in in_package] == ["ingest.bulk.files"]
+    in_package = imports_of(
+        "from .files import a", "captionstream.ingest.bulk", True, "ingest/bulk/__init__.py"
+    )
+    assert [i.module for i in in_package] == ["captionstream.ingest.bulk.files"]
+    assert module_name(ROOT / "ingest" / "bulk" / "files.py") == "captionstream.ingest.bulk.files"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from captionstream.gateway.app import create_app
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
 
 # (method, path) -> the error statuses it can answer (401 comes on top with API keys).
 EXPECTED_ERRORS: dict[tuple[str, str], set[int]] = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from processor import packing
-from processor.captioner import BlipCaptioner
-from processor.greedy import lean_greedy
-from processor.packing import PackedLinear, packing_supported, prepack_linears
-from schemas.events import GenerationOptions
+from captionstream.processor import packing
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.processor.greedy import lean_greedy
+from captionstream.processor.packing import PackedLinear, packing_supported, prepack_linears
+from captionstream.schemas.events import GenerationOptions
 from tests.helpers.model import load_tiny_blip
 
 needs_ops = pytest.mark.skipif(
@@ -52,7 +52,7 @@ def test_other_dtypes_are_left_alone() -> None:
 
 
 def test_nothing_is_packed_without_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("processor.packing.packing_supported", lambda *_: False)
+    monkeypatch.setattr("captionstream.processor.packing.packing_supported", lambda *_: False)
     assert prepack_linears(net(torch.bfloat16)) == 0
 
 
@@ -107,8 +107,8 @@ def test_packed_blip_gives_generates_token_ids(captioners: dict[bool, BlipCaptio
 def test_worker_settings_reach_the_captioner(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from captionstream.processor import worker
     from captionstream.settings import ProcessorSettings
-    from processor import worker
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(BlipCaptioner, "load", lambda model, **kw: seen.update(kw))

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from captionstream.errors import ImageUnreadable
-from ingest.blobstore import LocalBlobStore
-from processor.pipeline import (
+from captionstream.ingest.blobstore import LocalBlobStore
+from captionstream.processor.pipeline import (
     CaptionOutcome,
     Delivery,
     JobFailure,
@@ -23,7 +23,7 @@ from processor.pipeline import (
     decode_rgb,
     handle_batch,
 )
-from schemas.events import (
+from captionstream.schemas.events import (
     CaptionFailed,
     CaptionProduced,
     GenerationOptions,

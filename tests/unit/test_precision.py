@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 
 from captionstream.errors import ConfigurationError
-from captionstream.settings import ProcessorSettings
-from processor.captioner import BlipCaptioner
-from processor.precision import (
+from captionstream.processor.captioner import BlipCaptioner
+from captionstream.processor.precision import (
     Precision,
     bf16_from_capabilities,
     bf16_from_cpuinfo,
     cpu_has_native_bf16,
     resolve_precision,
 )
-from processor.tiny_blip import TINY_BLIP
-from schemas.events import GenerationOptions
+from captionstream.processor.tiny_blip import TINY_BLIP
+from captionstream.schemas.events import GenerationOptions
+from captionstream.settings import ProcessorSettings
 
 
 @pytest.mark.parametrize(

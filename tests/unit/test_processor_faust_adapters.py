@@ -10,10 +10,10 @@ from typing import Any
 import faust
 import pytest
 
-from processor.faust_adapters import ControlRequestSender, TableStateStore, TopicSink
-from processor.pipeline import Delivery, seconds_until_due
-from schemas.events import JobState, JobStatus, decode_job_state
-from schemas.topics import TOPICS, Headers
+from captionstream.processor.faust_adapters import ControlRequestSender, TableStateStore, TopicSink
+from captionstream.processor.pipeline import Delivery, seconds_until_due
+from captionstream.schemas.events import JobState, JobStatus, decode_job_state
+from captionstream.schemas.topics import TOPICS, Headers
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 

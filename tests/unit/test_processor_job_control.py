@@ -16,22 +16,22 @@ from typing import Any
 import pytest
 
 from captionstream.errors import BlobStoreUnavailable
-from ingest.blobstore import LocalBlobStore
-from processor.faust_adapters import TableStateStore
-from processor.job_control import (
+from captionstream.ingest.blobstore import LocalBlobStore
+from captionstream.processor.faust_adapters import TableStateStore
+from captionstream.processor.job_control import (
     JobControlHandler,
     expired_jobs,
     forget_job_state,
     request_expiries,
 )
-from processor.pipeline import (
+from captionstream.processor.pipeline import (
     CANCELLED,
     CaptionOutcome,
     Delivery,
     handle_batch,
     produced,
 )
-from schemas.events import (
+from captionstream.schemas.events import (
     CaptionFailed,
     CaptionProduced,
     ImageSubmitted,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from processor.observability import ProcessorMetrics, readiness, record_consumer_lag
+from captionstream.processor.observability import ProcessorMetrics, readiness, record_consumer_lag
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,22 @@ from typing import Any
 import pytest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from captionstream.ingest.blobstore import LocalBlobStore
 from captionstream.kafka import KafkaConnection
 from captionstream.kafka.faust_transport import (
     FetchHighwatersConsumerThread,
     IdempotentProducer,
     ListOffsetsConsumerThread,
 )
+from captionstream.processor.app import create_app
+from captionstream.processor.inference import InferenceThread
+from captionstream.processor.transport import (
+    CommitGate,
+    RewindingConsumer,
+    UnitOfWork,
+    transport_for,
+)
 from captionstream.settings import KafkaProfile, ProcessorSettings
-from ingest.blobstore import LocalBlobStore
-from processor.app import create_app
-from processor.inference import InferenceThread
-from processor.transport import CommitGate, RewindingConsumer, UnitOfWork, transport_for
 
 
 @pytest.mark.parametrize(

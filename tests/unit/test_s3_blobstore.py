@@ -10,9 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from captionstream.errors import BlobNotFound
+from captionstream.ingest.blobstore import LocalBlobStore, open_blob_store
+from captionstream.ingest.s3_blobstore import S3BlobStore, parse_store_url
 from captionstream.settings import CommonSettings
-from ingest.blobstore import LocalBlobStore, open_blob_store
-from ingest.s3_blobstore import S3BlobStore, parse_store_url
 
 SHA = "ab" + "c" * 62
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import BaseModel
 
-from schemas import jsonschema
-from schemas.api import JobResult, JobStatusResponse
-from schemas.events import (
+from captionstream.schemas import jsonschema
+from captionstream.schemas.api import JobResult, JobStatusResponse
+from captionstream.schemas.events import (
     CaptionFailed,
     CaptionProduced,
     EventDecodeError,
@@ -24,7 +24,7 @@ from schemas.events import (
     decode_image_submitted,
     decode_job_state,
 )
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 
 Decoder = Callable[[bytes | str], BaseModel]
 
@@ -327,7 +327,7 @@ def test_json_schema_requires_the_event_type() -> None:
 
 
 def test_job_control_requests_decode_by_type() -> None:
-    from schemas.events import JobCancelRequested, JobExpiryDue, decode_job_control
+    from captionstream.schemas.events import JobCancelRequested, JobExpiryDue, decode_job_control
 
     cancel = JobCancelRequested(job_id="j1", requested_at=T0)
     expire = JobExpiryDue(job_id="j2", image_ref="file:///x.png", due_at=T0)

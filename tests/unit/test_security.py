@@ -14,10 +14,9 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from captionstream.errors import ConfigurationError
-from captionstream.settings import GatewaySettings
-from gateway.app import create_app
-from gateway.deps import SubmissionRateLimit
-from gateway.security import (
+from captionstream.gateway.app import create_app
+from captionstream.gateway.deps import SubmissionRateLimit
+from captionstream.gateway.security import (
     ApiKeys,
     RateLimiter,
     TokenBucket,
@@ -26,6 +25,7 @@ from gateway.security import (
     install_security,
     retry_after_seconds,
 )
+from captionstream.settings import GatewaySettings
 
 
 @pytest.fixture(autouse=True)

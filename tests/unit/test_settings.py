@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from captionstream.kafka import EMBEDDED_PROFILE, KAFKA_PROFILE, topic_config, tuning_for
+from captionstream.schemas.topics import TOPICS
 from captionstream.settings import (
     EMBEDDED_BOOTSTRAP,
     BulkIngestSettings,
@@ -17,7 +18,6 @@ from captionstream.settings import (
     KafkaProfile,
     ProcessorSettings,
 )
-from schemas.topics import TOPICS
 
 
 @pytest.fixture(autouse=True)

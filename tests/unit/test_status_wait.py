@@ -15,12 +15,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from captionstream.gateway.app import create_app
+from captionstream.gateway.deps import job_view
+from captionstream.gateway.push import STATUS_RETRY_AFTER_S, STATUS_WAIT_MAX_S
+from captionstream.gateway.view import JobView
+from captionstream.schemas.events import JobState, JobStatus, utcnow
 from captionstream.settings import GatewaySettings
-from gateway.app import create_app
-from gateway.deps import job_view
-from gateway.push import STATUS_RETRY_AFTER_S, STATUS_WAIT_MAX_S
-from gateway.view import JobView
-from schemas.events import JobState, JobStatus, utcnow
 from tests.unit.uvicorn_server import serving
 
 JOB = "job-1"

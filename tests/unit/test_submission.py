@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest.blobstore import LocalBlobStore
-from ingest.submission import submit_image
-from ingest.validation import ImageLimits
-from schemas.events import (
+from captionstream.ingest.blobstore import LocalBlobStore
+from captionstream.ingest.submission import submit_image
+from captionstream.ingest.validation import ImageLimits
+from captionstream.schemas.events import (
     CaptionProduced,
     GenerationOptions,
     ImageSubmitted,

@@ -12,8 +12,8 @@ import faust
 import pytest
 from aiokafka import TopicPartition
 
-from processor.app import ROCKSDB_OPTIONS
-from processor.table_state import (
+from captionstream.processor.app import ROCKSDB_OPTIONS
+from captionstream.processor.table_state import (
     ChangelogRecord,
     discard_stale_table_state,
     local_partitions,
@@ -128,7 +128,7 @@ async def test_one_warning_names_every_discarded_partition(
     app, table = faust_app(tmp_path)
     write_partition(table, 0, {b"a": b"x"}, offset=1)
     write_partition(table, 2, {b"c": b"x"}, offset=0)
-    with caplog.at_level("WARNING", logger="processor.table_state"):
+    with caplog.at_level("WARNING", logger="captionstream.processor.table_state"):
         await discard_stale_table_state(app, 3, FakeChangelog({0: 0, 2: 0}, {}))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1

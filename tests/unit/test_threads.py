@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 from PIL.Image import Image
 
-from processor.threads import MIN_SPEEDUP, choose_threads, settle_threads
-from schemas.events import GenerationOptions
+from captionstream.processor.threads import MIN_SPEEDUP, choose_threads, settle_threads
+from captionstream.schemas.events import GenerationOptions
 
 
 def test_many_threads_are_kept_only_when_clearly_faster() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from captionstream.kafka import topic_plan
 from captionstream.kafka.acls import Acl, component_acls, render_plan
 from captionstream.kafka.topics import PlannedTopic, check_existing
-from schemas.topics import TOPICS
+from captionstream.schemas.topics import TOPICS
 
 
 def test_the_plan_holds_our_topics_and_fausts() -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from captionstream.errors import ImageRejected, ImageTooLarge, UnsupportedImage
-from ingest.validation import ImageLimits, inspect_image, validate_image
+from captionstream.ingest.validation import ImageLimits, inspect_image, validate_image
 
 LIMITS = ImageLimits()
 
@@ -179,7 +179,7 @@ def test_pixel_limit_above_pillows_own_cap_is_honoured(monkeypatch: pytest.Monke
     """A 14000x13000 (182 Mpx) image is under the 200 Mpx default but over Pillow's cap."""
     from PIL import Image as PILImage
 
-    from ingest.validation import allow_pixels
+    from captionstream.ingest.validation import allow_pixels
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", PILImage.MAX_IMAGE_PIXELS)
     buf = io.BytesIO()

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.view import JobView
-from schemas.events import JobState, JobStatus, utcnow
+from captionstream.gateway.view import JobView
+from captionstream.schemas.events import JobState, JobStatus, utcnow
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 

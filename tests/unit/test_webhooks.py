@@ -16,12 +16,10 @@ from aiokafka import TopicPartition
 from pydantic import SecretStr
 
 from captionstream.errors import WebhookRefused
-from captionstream.kafka import KafkaConnection
-from captionstream.settings import GatewaySettings
-from gateway.idempotency import request_digest
-from gateway.metrics import GatewayMetrics
-from gateway.view import JobView
-from gateway.webhooks import (
+from captionstream.gateway.idempotency import request_digest
+from captionstream.gateway.metrics import GatewayMetrics
+from captionstream.gateway.view import JobView
+from captionstream.gateway.webhooks import (
     FinishedJobs,
     OffsetTracker,
     PartitionOffsets,
@@ -34,15 +32,17 @@ from gateway.webhooks import (
     parse_retry_after,
     retry_delay,
 )
-from ingest.address_guard import IPAddress
-from schemas.events import GenerationOptions, JobState, JobStatus, caption_event_id
-from schemas.webhooks import (
+from captionstream.ingest.address_guard import IPAddress
+from captionstream.kafka import KafkaConnection
+from captionstream.schemas.events import GenerationOptions, JobState, JobStatus, caption_event_id
+from captionstream.schemas.webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     JobFinishedWebhook,
     sign,
     verify_signature,
 )
+from captionstream.settings import GatewaySettings
 
 SECRET = "whsec-test"
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
