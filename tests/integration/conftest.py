@@ -24,7 +24,9 @@ BROKER_KINDS = ("embedded", "apache")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "brokers(*kinds): run the test on each broker kind (embedded, apache)"
+        "markers",
+        "brokers(*kinds, soak_on=()): run the test on each broker kind (embedded, apache); "
+        "on the kinds in soak_on only in `make soak`",
     )
     config.addinivalue_line(
         "markers", "durable_stack_env(**env): settings for every component of `durable_stack`"
@@ -84,9 +86,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if marker is None or "broker_kind" not in metafunc.fixturenames:
         return
     kinds = marker.args or BROKER_KINDS
-    unknown = set(kinds) - set(BROKER_KINDS)
+    soak_on = marker.kwargs.get("soak_on", ())
+    unknown = (set(kinds) | set(soak_on)) - set(BROKER_KINDS)
     assert not unknown, f"unknown broker kinds {unknown}"
-    metafunc.parametrize("broker_kind", kinds, indirect=True, scope="session")
+    params = [
+        pytest.param(kind, marks=pytest.mark.soak) if kind in soak_on else kind for kind in kinds
+    ]
+    metafunc.parametrize("broker_kind", params, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
