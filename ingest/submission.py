@@ -113,7 +113,7 @@ async def submit_image(
 def cached_caption_event(job: ImageSubmitted, state: JobState) -> CaptionProduced:
     """The public caption event of a job answered from the cache."""
     return CaptionProduced(
-        event_id=caption_event_id(job.job_id),
+        event_id=caption_event_id(job.job_id, job.submitted_at),
         job_id=job.job_id,
         image_ref=job.image_ref,
         sha256=job.sha256,

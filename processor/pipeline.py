@@ -122,7 +122,7 @@ def failure_of(job: ImageSubmitted, exc: BaseException) -> JobFailure:
 
 def failed_event(job: ImageSubmitted, error: str) -> CaptionFailed:
     return CaptionFailed(
-        event_id=caption_event_id(job.job_id),
+        event_id=caption_event_id(job.job_id, job.submitted_at),
         job_id=job.job_id,
         image_ref=job.image_ref,
         error=error,
@@ -133,7 +133,7 @@ def failed_event(job: ImageSubmitted, error: str) -> CaptionFailed:
 
 def produced(job: ImageSubmitted, caption: str, model: str) -> CaptionProduced:
     return CaptionProduced(
-        event_id=caption_event_id(job.job_id),
+        event_id=caption_event_id(job.job_id, job.submitted_at),
         job_id=job.job_id,
         image_ref=job.image_ref,
         sha256=job.sha256,

@@ -32,9 +32,12 @@ def caption_cache_key(sha256: str, options: GenerationOptions) -> str:
     return hashlib.sha256(f"{sha256}\0{options.model_dump_json()}".encode()).hexdigest()
 
 
-def caption_event_id(job_id: str) -> str:
-    """The id of the (single) result event of a job: stable across redeliveries."""
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/result"))
+def caption_event_id(job_id: str, submitted_at: datetime) -> str:
+    """The id of the (single) result event of a job: stable across redeliveries, and new
+    for a new job under a reused id (an `Idempotency-Key` sent again after its job
+    expired), which consumers dropping duplicates by event id must not drop."""
+    submitted = submitted_at.astimezone(UTC).isoformat(timespec="microseconds")
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{job_id}/{submitted}/result"))
 
 
 class EventDecodeError(ValueError):

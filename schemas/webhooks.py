@@ -79,7 +79,7 @@ class JobFinishedWebhook(BaseModel):
         if not state.status.terminal:
             raise ValueError(f"job {state.job_id} is {state.status.value}, not finished")
         return cls(
-            event_id=caption_event_id(state.job_id),
+            event_id=caption_event_id(state.job_id, state.submitted_at),
             job_id=state.job_id,
             status=state.status,
             caption=state.caption,

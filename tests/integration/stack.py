@@ -16,6 +16,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -128,8 +129,15 @@ class Gateway:
     def healthy(self) -> bool:
         return answers_ok(f"{self.url}/healthz")
 
-    def upload(self, data: bytes, filename: str = "image.png") -> httpx.Response:
-        return httpx.post(f"{self.url}/api/v1/upload", files={"file": (filename, data)}, timeout=30)
+    def upload(
+        self, data: bytes, filename: str = "image.png", headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/api/v1/upload",
+            files={"file": (filename, data)},
+            headers=headers,
+            timeout=30,
+        )
 
     def status(self, job_id: str) -> httpx.Response:
         return httpx.get(f"{self.url}/api/v1/status/{job_id}", timeout=10)
@@ -272,7 +280,8 @@ async def check_one_caption_per_job(
         event_ids[key.decode()].add(event.event_id)
     for job_id in job_ids:
         assert len(captions[job_id]) == 1, f"job {job_id}: captions {captions[job_id]}"
-        assert event_ids[job_id] == {caption_event_id(job_id)}
+        submitted_at = datetime.fromisoformat(str(views[job_id]["submitted_at"]))
+        assert event_ids[job_id] == {caption_event_id(job_id, submitted_at)}
         result = views[job_id]["result"]
         assert isinstance(result, dict)
         assert result["caption"] in captions[job_id]

@@ -53,7 +53,7 @@ async def test_upload_push_caption_event_and_status(stack: Stack, worker: Compon
     [event] = events
     assert isinstance(event, CaptionProduced)
     assert event.caption == caption
-    assert event.event_id == caption_event_id(job_id)
+    assert event.event_id == caption_event_id(job_id, event.submitted_at)
     assert event.model == "tiny-blip"
 
     status = gateway.status(job_id).json()

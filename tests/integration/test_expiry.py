@@ -3,14 +3,17 @@ are still needed are not."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
+from captionstream.schemas.events import decode_caption_event
+from captionstream.schemas.topics import TOPICS
 from tests.helpers.images import make_png
-from tests.integration.stack import Stack, own_stack, wait_until
+from tests.integration.stack import Stack, own_stack, read_topic, wait_until
 
 pytestmark = pytest.mark.brokers("embedded", "apache")
 
@@ -37,7 +40,8 @@ def test_finished_jobs_and_their_images_expire(short_lived: Stack) -> None:
     stack.start_worker()
     gateway = stack.start_gateway()
     image = make_png(21, 12, color=(2, 4, 8))
-    job_id = gateway.upload(image).json()["job_id"]
+    key = {"Idempotency-Key": f"expiry-{stack.broker_kind}"}
+    job_id = gateway.upload(image, headers=key).json()["job_id"]
     assert gateway.wait_terminal(job_id)["status"] == "SUCCESS"
     cached = gateway.upload(image).json()  # answered from the caption cache
     assert cached["cache_hit"] is True
@@ -57,3 +61,16 @@ def test_finished_jobs_and_their_images_expire(short_lived: Stack) -> None:
     assert fresh.wait_terminal(again["job_id"])["status"] == "SUCCESS"
     ref_path = {urlparse(p.as_uri()).path for p in blob_paths(stack)}
     assert len(ref_path) == 1
+
+    # The key sent again after its job expired: a new job under the same id, whose
+    # caption event a consumer dropping repeats by event id must not take for the old one.
+    reused = fresh.upload(make_png(22, 12, color=(2, 4, 8)), headers=key).json()
+    assert reused["job_id"] == job_id
+    assert fresh.wait_terminal(job_id)["status"] == "SUCCESS"
+    events = [
+        decode_caption_event(value)
+        for key_bytes, value in asyncio.run(read_topic(stack.bootstrap, TOPICS.captions.name))
+        if key_bytes == job_id.encode()
+    ]
+    assert len({e.submitted_at for e in events}) == 2, events
+    assert len({e.event_id for e in events}) == 2, "one event id per job, not per job id"

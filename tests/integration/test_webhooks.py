@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -106,7 +107,8 @@ def check_signed(headers: dict[str, str], body: bytes) -> dict[str, object]:
     assert not verify_signature("another secret", headers[SIGNATURE_HEADER], body)
     payload: dict[str, object] = json.loads(body)
     assert headers[EVENT_ID_HEADER] == payload["event_id"]
-    assert payload["event_id"] == caption_event_id(str(payload["job_id"]))
+    submitted_at = datetime.fromisoformat(str(payload["submitted_at"]))
+    assert payload["event_id"] == caption_event_id(str(payload["job_id"]), submitted_at)
     return payload
 
 

@@ -184,7 +184,7 @@ def test_caption_batch_one_result_per_job_in_order(store: LocalBlobStore) -> Non
     assert captioner.calls == [[(10, 20), (11, 21), (12, 22), (13, 23)]]  # one batched call
     for job, result in zip(jobs, results, strict=True):
         assert isinstance(result, CaptionProduced)
-        assert result.event_id == caption_event_id(job.job_id)
+        assert result.event_id == caption_event_id(job.job_id, job.submitted_at)
         assert result.model == "fake-size"
         assert result.sha256 == job.sha256
         assert result.image_ref == job.image_ref
@@ -598,7 +598,7 @@ async def test_transient_failures_end_in_failure_and_dead_letter_after_max_attem
     assert "3 attempts" in final.error
     [failed] = sink.of("caption")
     assert isinstance(failed, CaptionFailed)
-    assert failed.event_id == caption_event_id("doomed")
+    assert failed.event_id == caption_event_id("doomed", job.submitted_at)
     [(dead, reason, attempts)] = sink.of("dead")
     assert dead.value == delivery(job).value
     assert attempts == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import BaseModel
@@ -50,7 +50,7 @@ def image_submitted(**changes: object) -> ImageSubmitted:
 
 def caption_produced() -> CaptionProduced:
     return CaptionProduced(
-        event_id=caption_event_id("job-1"),
+        event_id=caption_event_id("job-1", T0),
         job_id="job-1",
         image_ref="file:///data/blobs/ab/x.png",
         sha256=SHA,
@@ -63,7 +63,7 @@ def caption_produced() -> CaptionProduced:
 
 def caption_failed() -> CaptionFailed:
     return CaptionFailed(
-        event_id=caption_event_id("job-2"),
+        event_id=caption_event_id("job-2", T0),
         job_id="job-2",
         image_ref="file:///data/blobs/cd/y.png",
         error="cannot decode image",
@@ -270,9 +270,26 @@ def test_advance_explicit_changes_win() -> None:
 
 
 def test_caption_event_id_is_deterministic_per_job() -> None:
-    assert caption_event_id("job-1") == caption_event_id("job-1")
-    assert caption_event_id("job-1") != caption_event_id("job-2")
-    assert caption_event_id("job-1") != "job-1"
+    assert caption_event_id("job-1", T0) == caption_event_id("job-1", T0)
+    assert caption_event_id("job-1", T0) != caption_event_id("job-2", T0)
+    assert caption_event_id("job-1", T0) != "job-1"
+    # The same instant in another zone, as a decoder may hand it over: the same job.
+    in_paris = T0.astimezone(timezone(timedelta(hours=1)))
+    assert caption_event_id("job-1", in_paris) == caption_event_id("job-1", T0)
+
+
+def test_a_new_job_under_a_reused_id_gets_a_new_caption_event_id() -> None:
+    """An Idempotency-Key sent again after its job expired makes the same job id: the new
+    job's caption must not look like a duplicate of the old one to a consumer dropping
+    repeats by event id."""
+    later = T0 + timedelta(days=2)
+    assert caption_event_id("job-1", later) != caption_event_id("job-1", T0)
+
+
+def test_a_caption_event_id_survives_the_events_json_round_trip() -> None:
+    """Workers and gateways derive it from the decoded event or state: the same id."""
+    event = decode_caption_event(caption_produced().model_dump_json())
+    assert event.event_id == caption_event_id(event.job_id, event.submitted_at)
 
 
 def test_job_status_response_from_state_puts_caption_in_result() -> None:

@@ -81,7 +81,7 @@ async def test_a_hit_answers_at_once_without_the_model(blobs: LocalBlobStore) ->
     [(published, caption_event)] = cache.hits
     assert published == state
     assert caption_event.job_id == state.job_id
-    assert caption_event.event_id == caption_event_id(state.job_id)
+    assert caption_event.event_id == caption_event_id(state.job_id, state.submitted_at)
     assert caption_event.caption == "a red square"
     assert caption_event.model == "tiny-blip"
     assert caption_event.sha256 == again.sha256 == event.sha256

@@ -159,7 +159,7 @@ def finished(status: JobStatus = JobStatus.SUCCESS, **changes: object) -> JobSta
 def test_payload_of_a_success_and_a_failure() -> None:
     ok = JobFinishedWebhook.from_state(finished())
     assert ok.type == "job.finished"
-    assert ok.event_id == caption_event_id("job-1"), "stable: the caption event's id"
+    assert ok.event_id == caption_event_id("job-1", T0), "stable: the caption event's id"
     assert (ok.status, ok.caption, ok.error, ok.attempts) == (
         JobStatus.SUCCESS,
         "a red square",
@@ -460,7 +460,7 @@ async def test_retried_after_two_500s_and_signed_every_time(receivers: list[Rece
     assert len(bodies) == 1, "the same body on every attempt"
     for headers, body in receiver.requests:
         assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
-        assert headers[EVENT_ID_HEADER] == caption_event_id("job-1")
+        assert headers[EVENT_ID_HEADER] == caption_event_id("job-1", T0)
         assert headers["Content-Type"] == "application/json"
     assert json.loads(body)["caption"] == "a red square"
     total = "captionstream_gateway_webhook_attempts_total"
