@@ -41,7 +41,6 @@ from captionstream.ingest.address_guard import (
     system_resolver,
     vet_url,
 )
-from captionstream.ingest.address_guard import refusal_reason as refusal_reason  # re-exported
 from captionstream.settings import IngestSettings
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

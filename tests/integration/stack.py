@@ -288,10 +288,6 @@ async def check_one_caption_per_job(
     return dict(captions)
 
 
-def new_port() -> int:
-    return free_port()
-
-
 @contextlib.contextmanager
 def stack_on(cluster: ApacheKafkaCluster, root: Path, **spawn_env: str) -> Iterator[Stack]:
     """A stack on a running Apache Kafka (its data and logs under `root`); its

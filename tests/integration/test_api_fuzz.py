@@ -30,7 +30,7 @@ from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from captionstream.gateway.app import create_app
-from captionstream.ingest.fetch import refusal_reason
+from captionstream.ingest.address_guard import refusal_reason
 from captionstream.settings import GatewaySettings
 from tests.helpers.images import make_png
 from tests.integration.stack import Component, Gateway, Stack, wait_until
